@@ -1,0 +1,242 @@
+"""Typed configuration loaded from ``params.yaml``.
+
+``params.yaml`` is the one source of every tunable value. It holds the base sections
+(``data``, ``model``, ``train``, ...) and a ``profiles`` mapping of overlays (``tiny``,
+``cpu``, ``gpu``); the selected profile is deep-merged over the base before the result is
+turned into frozen dataclasses. An unknown key or a value of the wrong type is an error
+that names the key and the file, so a typo can never be silently ignored.
+
+Each section class is owned by the step that reads it; library functions take these
+objects, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from radsynth.errors import RadsynthError
+
+DEFAULT_PARAMS = Path("params.yaml")
+PROFILE_ENV = "RADSYNTH_PROFILE"
+PARAMS_ENV = "RADSYNTH_PARAMS"
+
+
+class ConfigError(RadsynthError, ValueError):
+    """A params file is missing, malformed, or has an unknown or mistyped key."""
+
+
+# --------------------------------------------------------------------------------------
+# Sections. Keep each section's fields in the order they appear in params.yaml.
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PathsConfig:
+    raw: str = "data"                          # DVC-tracked export (dicom/ + labels.csv)
+    artifacts: str = "artifacts"               # root of every stage's outputs
+    mlflow_uri: str = "sqlite:///mlruns/mlflow.db"  # tracking + registry; a server URI works too
+    mlflow_artifacts: str = "mlruns/artifacts"  # artefact root used with the SQLite default
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "dicom"                      # "dicom" (export + labels file) or "folders"
+    dicom_dir: str = "data/dicom"              # export root, any depth of sub-folders
+    labels_csv: str = "data/labels.csv"        # accession_number,label
+    image_dir: str = ""                        # class sub-folders of PNG/JPEG (source=folders)
+    classes: tuple[str, ...] = ()              # empty: every label found in the data, sorted
+    allowed_modalities: tuple[str, ...] = ("DX", "CR")
+    allowed_body_parts: tuple[str, ...] = ("CHEST",)
+    salt_env: str = "RADSYNTH_SALT"            # env var holding the pseudonym salt
+    salt_file: str = ".radsynth-salt"          # fallback: created once, git-ignored
+    img_resolution: int = 128                  # training resolution, power of two
+    img_channels: int = 1
+    min_resolution: int = 4                    # lowest progressive level written
+    split_train: float = 0.8
+    split_val: float = 0.1
+    split_test: float = 0.1
+    hflip: bool = False                        # never on by default: the heart is on the left
+    workers: int = 0                           # 0: all cores
+    min_class_fraction: float = 0.05           # validation: class-balance lower bound
+    max_class_fraction: float = 0.9            # validation: class-balance upper bound
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """The whole resolved configuration."""
+
+    profile: str = "cpu"                       # which overlay of ``profiles`` was applied
+    seed: int = 1234                           # every random choice derives from this
+    paths: PathsConfig = PathsConfig()
+    data: DataConfig = DataConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), suitable for YAML/JSON/MLflow."""
+        return _to_plain(dataclasses.asdict(self))
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the resolved config (the "params hash")."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the resolved config as YAML beside an output (atomic)."""
+        from radsynth.io import atomic_write_text
+
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def load_params(
+    path: str | os.PathLike | None = None,
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Params:
+    """Load ``params.yaml``, apply a profile and dotted overrides, and type-check it.
+
+    Args:
+        path: the params file; default ``$RADSYNTH_PARAMS`` or ``./params.yaml``.
+        profile: overlay name from the file's ``profiles``; default ``$RADSYNTH_PROFILE``
+            or the file's own ``profile`` key.
+        overrides: ``{"train.kimg": 2, ...}`` applied last (for tests and ``--set``).
+
+    Returns:
+        The frozen :class:`Params`.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, a key is unknown, a value has the
+            wrong type, or the profile does not exist. The message names key and file.
+    """
+    path = Path(path or os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+
+    profiles = raw.pop("profiles", {}) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{path}: 'profiles' must be a mapping of overlays")
+    name = profile or os.environ.get(PROFILE_ENV) or raw.get("profile", "cpu")
+    if name not in profiles:
+        known = ", ".join(sorted(profiles)) or "none defined"
+        raise ConfigError(f"{path}: unknown profile {name!r} (known: {known})")
+    merged = _deep_merge(raw, profiles[name] or {}, where=f"profiles.{name}", path=path)
+    merged["profile"] = name
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(merged, dotted, value, path)
+    return _build(Params, merged, prefix="", path=path)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.sub=value`` (value as YAML) from a ``--set`` flag."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.kimg_per_phase=2")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def _deep_merge(base: dict, overlay: dict, where: str, path: Path) -> dict:
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value, f"{where}.{key}", path)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, path: Path) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, values: Any, prefix: str, path: Path) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        key = prefix + unknown[0]
+        hint = _closest(unknown[0], fields)
+        raise ConfigError(f"{path}: unknown key {key!r}" + (f" (did you mean {prefix + hint!r}?)" if hint else ""))
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, path: Path) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", path)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: {key} must be a list, got {type(value).__name__} {value!r}")
+        item_tp = typing.get_args(tp)[0]
+        return tuple(_coerce(item_tp, v, f"{key}[{i}]", path) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {key} must be a mapping, got {type(value).__name__}")
+        k_tp, v_tp = typing.get_args(tp)
+        return {_coerce(k_tp, k, key, path): _coerce(v_tp, v, f"{key}.{k}", path) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: {key} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: {key} must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: {key} must be true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: {key} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{path}: {key}: unsupported type {tp!r} in the config schema")
+
+
+def _closest(name: str, choices: Mapping[str, Any]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value

@@ -1,0 +1,36 @@
+"""Shared fixtures. Tests run from the project root with the sample export pulled by DVC."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FIXTURES = SHARED / "data" / "dicom-fixtures"
+SAMPLE = ROOT / "data"
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def sample_export() -> Path:
+    """The DVC-pulled sample export (``make test`` runs ``dvc pull`` first)."""
+    if not (SAMPLE / "labels.csv").is_file():
+        pytest.fail("data/ is empty: run `make test` (it runs `dvc pull`) or `.venv/bin/dvc pull`")
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def dicom_fixtures() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.fail(f"{FIXTURES} missing: shared/ must sit beside the checkout, as in CI")
+    return FIXTURES

@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from radsynth.config import ConfigError, Params, load_params, parse_override
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_project_params_load_for_every_profile(root):
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    assert set(raw["profiles"]) >= {"tiny", "cpu", "gpu"}
+    for name in raw["profiles"]:
+        params = load_params(root / "params.yaml", profile=name)
+        assert isinstance(params, Params)
+        assert params.profile == name
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = write(tmp_path, "profile: a\ndata:\n  img_resolutoin: 64\nprofiles: {a: {}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    msg = str(err.value)
+    assert "data.img_resolutoin" in msg and str(path) in msg and "data.img_resolution" in msg
+
+
+def test_wrong_type_names_key(tmp_path):
+    path = write(tmp_path, "profile: a\ndata:\n  img_resolution: '64'\nprofiles: {a: {}}\n")
+    with pytest.raises(ConfigError, match=r"data\.img_resolution must be an integer"):
+        load_params(path)
+    path = write(tmp_path, "profile: a\ndata:\n  hflip: 1\nprofiles: {a: {}}\n")
+    with pytest.raises(ConfigError, match=r"data\.hflip must be true or false"):
+        load_params(path)
+
+
+def test_unknown_key_inside_profile_is_caught(tmp_path):
+    path = write(tmp_path, "profile: a\nprofiles: {a: {data: {bogus: 1}}}\n")
+    with pytest.raises(ConfigError, match=r"data\.bogus"):
+        load_params(path)
+
+
+def test_profile_overlay_and_overrides(tmp_path):
+    path = write(tmp_path, "profile: a\nseed: 1\ndata: {img_resolution: 128}\nprofiles: {a: {data: {img_resolution: 32}}, b: {}}\n")
+    assert load_params(path).data.img_resolution == 32
+    assert load_params(path, profile="b").data.img_resolution == 128
+    assert load_params(path, profile="b", overrides={"seed": 9}).seed == 9
+    with pytest.raises(ConfigError, match="unknown profile 'zzz'"):
+        load_params(path, profile="zzz")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(write(tmp_path, "a: [1,\n"))
+
+
+def test_digest_changes_with_values(tmp_path):
+    path = write(tmp_path, "profile: a\nprofiles: {a: {}}\n")
+    assert load_params(path).digest() == load_params(path).digest()
+    assert load_params(path).digest() != load_params(path, overrides={"seed": 2}).digest()
+
+
+def test_parse_override():
+    assert parse_override("data.img_resolution=64") == ("data.img_resolution", 64)
+    with pytest.raises(ConfigError):
+        parse_override("novalue")
