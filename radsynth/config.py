@@ -71,6 +71,46 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """`model:` networks and variant (owner: model/)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`train:` progressive schedule, optimiser, tracking (owner: components/train.py)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`eval:` metrics and the gate thresholds (owner: components/evaluate.py)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """`export:` ONNX export (owner: components/export.py)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistryConfig:
+    """`registry:` MLflow registry names and aliases (owner: components/register.py)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """`serve:` Triton model repository, server, client (owner: serving/)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WebConfig:
+    """`web:` the web app (owner: serving/web)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """`pipeline:` Kubeflow image, resources, DVC wiring (owner: pipelines/)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     """The whole resolved configuration."""
 
@@ -78,6 +118,22 @@ class Params:
     seed: int = 1234                           # every random choice derives from this
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
+
+    model: ModelConfig = ModelConfig()
+
+    train: TrainConfig = TrainConfig()
+
+    eval: EvalConfig = EvalConfig()
+
+    export: ExportConfig = ExportConfig()
+
+    registry: RegistryConfig = RegistryConfig()
+
+    serve: ServeConfig = ServeConfig()
+
+    web: WebConfig = WebConfig()
+
+    pipeline: PipelineConfig = PipelineConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), suitable for YAML/JSON/MLflow."""
