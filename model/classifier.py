@@ -59,7 +59,7 @@ class DomainClassifier(nn.Module):
         ch = spec.width
         while res > 4:
             out = min(ch * 2, spec.width * 4)
-            layers += [nn.Conv2d(ch, out, 3, padding=1), nn.BatchNorm2d(out), nn.LeakyReLU(0.2), nn.AvgPool2d(2)]
+            layers += [nn.Conv2d(ch, out, 3, padding=1), nn.GroupNorm(min(8, out), out), nn.LeakyReLU(0.2), nn.AvgPool2d(2)]
             ch, res = out, res // 2
         layers += [nn.Conv2d(ch, ch, 3, padding=1), nn.LeakyReLU(0.2)]
         self.body = nn.Sequential(*layers)
@@ -86,7 +86,7 @@ def train_classifier(
     images: np.ndarray,
     labels: np.ndarray,
     num_classes: int,
-    epochs: int = 4,
+    steps: int = 400,
     width: int = 32,
     lr: float = 2e-3,
     batch_size: int = 64,
@@ -99,7 +99,7 @@ def train_classifier(
         images: uint8 ``[N, C, H, W]`` (or float in [-1, 1]).
         labels: int ``[N]`` class indices.
         num_classes: number of classes.
-        epochs: passes over the data.
+        steps: optimiser steps (minibatches drawn by reshuffled passes over the data).
         width: first-conv channels.
         lr: Adam learning rate.
         batch_size: minibatch size.
@@ -119,7 +119,7 @@ def train_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = DomainClassifier(ClassifierSpec(num_classes, images.shape[1], images.shape[2], width))
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.99))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     x_all = _as_float(images)  # [N, C, H, W]
     y_all = torch.as_tensor(labels)
     # Class-balanced loss weights: the sample's classes are unbalanced (2:1).
@@ -127,16 +127,17 @@ def train_classifier(
     weight = counts.sum() / (num_classes * counts)
     model.train()
     n = x_all.shape[0]
-    for _ in tqdm(range(epochs), desc="classifier", unit="epoch", disable=not progress, leave=False):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            if idx.numel() < 2:
-                continue
-            loss = F.cross_entropy(model(x_all[idx]), y_all[idx], weight=weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    batch_size = max(2, min(batch_size, n))
+    order, pos = torch.randperm(n, generator=gen), 0
+    for _ in tqdm(range(steps), desc="classifier", unit="step", disable=not progress, leave=False):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos:pos + batch_size]
+        pos += batch_size
+        loss = F.cross_entropy(model(x_all[idx]), y_all[idx], weight=weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     return model.eval()
 
 

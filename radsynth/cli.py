@@ -18,6 +18,11 @@ from radsynth.errors import RadsynthError
 
 # name -> (module, one-line help). Order is the order the data flows.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "evaluate": ("components.evaluate", "metrics of G_ema (FID/KID, SSIM, memorisation, ...) and the gate; exits 1 when it fails"),
+    "export": ("components.export", "export G_ema to ONNX, check it and verify ONNX Runtime parity"),
+    "register": ("components.register", "register the exported generator in MLflow as @candidate"),
+    "promote": ("components.register", "move @champion to a version whose gate passed (default: @candidate)"),
+    "rollback": ("components.register", "move @champion back to the previous champion"),
 }
 
 

@@ -92,7 +92,7 @@ class EvalConfig:
     kid_subset_size: int = 100                 # KID: subset size (clipped to the smaller sample)
     prc_neighborhood: int = 3                  # k of the k-NN precision/recall
     diversity_pairs: int = 64                  # random pairs per condition for MS-SSIM diversity
-    classifier_epochs: int = 4                 # domain classifier (and TSTR) training epochs
+    classifier_steps: int = 400                # domain classifier (and TSTR) optimiser steps
     classifier_width: int = 32                 # channels of the classifier's first conv
     classifier_lr: float = 0.002               # Adam learning rate
     classifier_batch: int = 64                 # classifier training batch

@@ -56,3 +56,17 @@ def make_dataset(root: Path, per_class: dict[str, int] | None = None, res: int =
     levels[res] = full
     patients = [f"p{i:05d}" for i in range(len(labels))]
     return save_dataset(root, levels, patients, labels, splits, CLASSES, extra_meta={"source": "synthetic test data"})
+
+
+def tiny_generator(num_classes: int = 3, res: int = 16, seed: int = 0):
+    """A freshly initialised (untrained) generator at full resolution, from the model helper's API."""
+    import torch
+
+    from model.registry import build_networks
+    from radsynth.config import load_params
+
+    params = load_params(profile="tiny")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        G, _ = build_networks(params.model, num_classes, 1, res)
+    return G.eval()
