@@ -114,6 +114,11 @@ def export_generator(G: nn.Module, meta: dict, path: str | Path, cfg: ExportConf
             torch.onnx.export(_GeneratorGraph(G), (z, c), str(tmp), dynamo=False,
                               dynamic_axes={"z": {0: "N"}, "class": {0: "N"}, OUTPUT: {0: "N"}}, **kwargs)
         proto = onnx.load(str(tmp))
+        _pin_output_shape(proto, [int(G.img_channels), int(G.img_resolution), int(G.img_resolution)])
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if opset != cfg.opset:
+            raise ExportError(f"the exporter wrote opset {opset}, export.opset pins {cfg.opset} "
+                              "(the dynamo exporter needs opset >= 18; set export.opset or export.dynamo)")
         del proto.metadata_props[:]
         for key, value in props.items():
             proto.metadata_props.add(key=key, value=value)
@@ -133,6 +138,21 @@ def export_generator(G: nn.Module, meta: dict, path: str | Path, cfg: ExportConf
         "torch": torch.__version__, "onnx": onnx.__version__, "inputs": {t.name: _shape(t) for t in graph.input},
         "outputs": {t.name: _shape(t) for t in graph.output}, "metadata": props, "parity": check,
     }
+
+
+def _pin_output_shape(proto, chw: list[int]) -> None:
+    """Name the batch axis ``N`` and fix C, H, W (the TorchScript exporter leaves them symbolic)."""
+    for out in proto.graph.output:
+        if out.name != OUTPUT:
+            continue
+        dims = out.type.tensor_type.shape.dim
+        while len(dims) < 4:
+            dims.add()
+        dims[0].Clear()
+        dims[0].dim_param = "N"
+        for d, v in zip(list(dims)[1:], chw):
+            d.Clear()
+            d.dim_value = v
 
 
 def _shape(t) -> dict:

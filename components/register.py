@@ -59,7 +59,7 @@ def _log_onnx(onnx_path: Path, name: str):
     import onnx
 
     return mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name,
-                                 pip_requirements=["onnx", "onnxruntime"])
+                                 pip_requirements=["onnx", "onnxruntime"], save_as_external_data=False)
 
 
 def register(params: Params, export_dir: str | Path | None = None, eval_dir: str | Path | None = None) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -208,7 +209,8 @@ def export_classifier_onnx(model: DomainClassifier, path: str | os.PathLike, cla
 
     spec = model.spec
     dummy = torch.zeros(2, spec.img_channels, spec.img_resolution, spec.img_resolution)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             model.eval(), (dummy,), str(tmp), input_names=["image"], output_names=["logits"],
             dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}}, opset_version=opset, dynamo=False,

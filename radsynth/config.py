@@ -96,6 +96,7 @@ class EvalConfig:
     classifier_width: int = 32                 # channels of the classifier's first conv
     classifier_lr: float = 0.002               # Adam learning rate
     classifier_batch: int = 64                 # classifier training batch
+    tstr_steps: int = 200                      # TSTR / TRTR classifiers: optimiser steps (same recipe otherwise)
     memorisation_percentile: float = 1.0       # test-to-train percentile used as "too close"
     cache_dir: str = "artifacts/cache"         # real-image features + classifier, per data version
     gate_min_cond_acc: float = 0.5             # per condition: classifier accuracy on generated

@@ -70,3 +70,34 @@ def tiny_generator(num_classes: int = 3, res: int = 16, seed: int = 0):
         torch.manual_seed(seed)
         G, _ = build_networks(params.model, num_classes, 1, res)
     return G.eval()
+
+
+def save_tiny_generator(path: Path, num_classes: int = 3, res: int = 16, seed: int = 0) -> Path:
+    """An untrained generator checkpoint (model.checkpoint format)."""
+    from model.checkpoint import save_generator
+
+    G = tiny_generator(num_classes, res, seed)
+    return save_generator(path, G, {"classes": list(CLASSES[:num_classes]), "data_md5": "test-md5", "params_digest": "test-digest"})
+
+
+def eval_params(root: Path, **overrides):
+    """The tiny profile with every path under ``root`` (no Inception weights, local MLflow)."""
+    from radsynth.config import load_params
+
+    values = {
+        "paths.artifacts": str(root / "artifacts"),
+        "paths.mlflow_uri": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+        "paths.mlflow_artifacts": str(root / "mlruns" / "artifacts"),
+        "eval.cache_dir": str(root / "cache"),
+        "eval.inception_weights": str(root / "no-inception-weights.pth"),
+        **overrides,
+    }
+    return load_params(profile="tiny", overrides=values)
+
+
+def param_flags(params_overrides: dict) -> list[str]:
+    """``--set`` flags for the CLI matching :func:`eval_params`."""
+    flags = ["--profile", "tiny"]
+    for k, v in params_overrides.items():
+        flags += ["--set", f"{k}={v}"]
+    return flags
