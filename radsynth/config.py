@@ -68,6 +68,11 @@ class DataConfig:
     workers: int = 0                           # 0: all cores
     min_class_fraction: float = 0.05           # validation: class-balance lower bound
     max_class_fraction: float = 0.9            # validation: class-balance upper bound
+    folder_patient_regex: str = ""             # source=folders: patient key from the file stem (group 1); "": one patient per image
+    max_image_pixels: int = 67108864           # PNG/JPEG decompression-bomb cap (width x height)
+    pixel_mean_min: float = 0.05               # validation: every image's mean intensity in [0, 1] at least this
+    pixel_mean_max: float = 0.95               # validation: ... and at most this
+    pixel_std_min: float = 0.02                # validation: every image's std at least this (no blank images)
 
 
 @dataclasses.dataclass(frozen=True)
