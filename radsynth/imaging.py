@@ -94,9 +94,26 @@ def read_dicom(src: str | Path | bytes, stop_before_pixels: bool = False):
             raise ImageError(f"DICOM file is truncated or corrupt ({type(exc).__name__})", "unreadable") from None
         except Exception as exc:  # pydicom raises many types on corrupt headers
             raise ImageError(f"DICOM header cannot be parsed ({type(exc).__name__})", "unreadable") from None
+    if len(ds) == 0:
+        raise ImageError("DICOM file has no data elements (truncated after the preamble?)", "unreadable")
     if not stop_before_pixels and not _has_pixels(ds):
+        if _is_image_object(ds):
+            raise ImageError("DICOM image file ends before its pixel data (truncated copy?)", "unreadable")
         raise ImageError("DICOM file has no pixel data (not an image object: report, SR, presentation state?)", "no_pixel_data")
     return ds
+
+
+def _is_image_object(ds) -> bool:
+    """True when the header says this should be an image (so missing pixels mean truncation)."""
+    if "Rows" in ds:
+        return True
+    for uid in (ds.get("SOPClassUID"), getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")):
+        try:
+            if uid is not None and "Image Storage" in uid.name:
+                return True
+        except Exception:
+            continue
+    return False
 
 
 def _read_forced(open_fn, stop_before_pixels: bool):
