@@ -234,8 +234,9 @@ def _apply_voi(x: np.ndarray, ds) -> np.ndarray:
         n, first, bits = (int(v) for v in item.LUTDescriptor)
         n = n or 65536
         data = item.LUTData
-        if isinstance(data, (bytes, bytearray)):
-            lut = np.frombuffer(data, dtype="<u2" if bits > 8 else np.uint8).astype(np.float64)
+        if isinstance(data, (bytes, bytearray)):  # OW: 16-bit entries (8-bit packed in old files)
+            packed = len(data) == n and bits <= 8
+            lut = np.frombuffer(data, dtype=np.uint8 if packed else "<u2").astype(np.float64)
         else:
             lut = np.asarray(data if isinstance(data, (list, tuple)) else [data], dtype=np.float64)
         lut = lut[:n]
@@ -346,9 +347,9 @@ def resize_area(img: np.ndarray, resolution: int) -> np.ndarray:
 def prepare(img01: np.ndarray, resolution: int, channels: int = 1) -> np.ndarray:
     """THE training preprocessing: [0, 1] image -> uint8 ``[C, res, res]``.
 
-    Centre square crop (chosen over padding so the generator never learns artificial
-    borders; chest radiographs are framed on the thorax), anti-aliased area resize, round
-    to uint8. ``channels`` > 1 repeats the gray plane (for 3-channel consumers).
+    Quantise to 8 bits, centre square crop (chosen over padding so the generator never
+    learns artificial borders; chest radiographs are framed on the thorax), anti-aliased
+    area resize, round to uint8. ``channels`` > 1 repeats the gray plane (for 3-channel consumers).
 
     Args:
         img01: float ``[H, W]`` in [0, 1] (from :func:`dicom_to_array` or
@@ -364,7 +365,10 @@ def prepare(img01: np.ndarray, resolution: int, channels: int = 1) -> np.ndarray
         raise ImageError(f"expected a 2-D grayscale image, got shape {img01.shape}", "colour")
     if resolution < 1 or channels < 1:
         raise ValueError(f"resolution and channels must be positive, got {resolution}, {channels}")
-    square = center_crop_square(np.clip(img01, 0.0, 1.0).astype(np.float32))
+    # Quantise to the 8-bit display grid first: an 8-bit image and its 12-bit windowed copy
+    # then prepare to identical arrays, not arrays that round apart after the resize.
+    u8 = np.rint(np.clip(img01, 0.0, 1.0) * 255.0).astype(np.float32) / 255.0
+    square = center_crop_square(u8)
     small = resize_area(square, resolution)  # [res, res]
     u8 = np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
     return np.repeat(u8[None], channels, axis=0)  # [C, res, res]
