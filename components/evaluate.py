@@ -189,7 +189,7 @@ def classifier_for(real, cfg: EvalConfig, cache_dir: str | Path | None, progress
     """
     from model import classifier as clf
 
-    recipe = {"steps": cfg.classifier_steps, "width": cfg.classifier_width, "lr": cfg.classifier_lr,
+    recipe = {"steps": cfg.classifier_steps, "width": cfg.classifier_width, "work_resolution": cfg.classifier_resolution, "lr": cfg.classifier_lr,
               "batch": cfg.classifier_batch, "seed": cfg.seed}
     key = hashlib.sha256(json.dumps({"data": real.identity, **recipe}, sort_keys=True).encode()).hexdigest()[:24]
     root = Path(cache_dir) if cache_dir else Path(".")
@@ -197,7 +197,7 @@ def classifier_for(real, cfg: EvalConfig, cache_dir: str | Path | None, progress
     if path.is_file():
         return path
     model = clf.train_classifier(real.train, real.train_labels, len(real.classes), steps=cfg.classifier_steps,
-                                 width=cfg.classifier_width, lr=cfg.classifier_lr, batch_size=cfg.classifier_batch,
+                                 width=cfg.classifier_width, work_resolution=cfg.classifier_resolution, lr=cfg.classifier_lr, batch_size=cfg.classifier_batch,
                                  seed=cfg.seed, progress=progress)
     meta = {"classes": list(real.classes), "data_identity": real.identity, "recipe": recipe,
             "val_acc": clf.accuracy(model, real.val, real.val_labels),

@@ -460,7 +460,7 @@ def compute_metrics(
     # TSTR next to TRTR: the same recipe, the same number of images per class, the same seed.
     n_per = {i: int((gen_labels == i).sum()) for i in range(len(classes))}
     pick = np.concatenate([rng.permutation(np.flatnonzero(real.train_labels == i))[:n] for i, n in n_per.items()])
-    recipe = dict(num_classes=len(classes), steps=cfg.tstr_steps, width=cfg.classifier_width,
+    recipe = dict(num_classes=len(classes), steps=cfg.tstr_steps, width=cfg.classifier_width, work_resolution=cfg.classifier_resolution,
                   lr=cfg.classifier_lr, batch_size=cfg.classifier_batch, seed=cfg.seed)
     tstr = clf.train_classifier(generated, gen_labels, **recipe)
     trtr = clf.train_classifier(real.train[pick], real.train_labels[pick], **recipe)

@@ -135,6 +135,7 @@ class EvalConfig:
     diversity_pairs: int = 64                  # random pairs per condition for MS-SSIM diversity
     classifier_steps: int = 400                # domain classifier (and TSTR) optimiser steps
     classifier_width: int = 32                 # channels of the classifier's first conv
+    classifier_resolution: int = 32            # classifier input is average-pooled to at most this
     classifier_lr: float = 0.002               # Adam learning rate
     classifier_batch: int = 64                 # classifier training batch
     tstr_steps: int = 200                      # TSTR / TRTR classifiers: optimiser steps (same recipe otherwise)
