@@ -121,7 +121,7 @@ def apply_gate(values: dict[str, float], classes: Sequence[str], cfg: EvalConfig
     for metric, space in ((mk.MEMORISATION_SHARE, "pixel"), (mk.MEMORISATION_SHARE_FEATURE, "feature")):
         checks.append(_check(metric, "all", metric, values.get(metric), "<=", cfg.gate_max_memorisation,
                              f"too many generated images are closer to a training image ({space} space) than the "
-                             f"test set's {cfg.memorisation_percentile:g}th percentile: memorisation"))
+                             f"closest {cfg.memorisation_percentile:g}% of real test images are: memorisation"))
     return GateResult(passed=all(c.passed for c in checks), checks=tuple(checks))
 
 
