@@ -81,9 +81,13 @@ def _check(name: str, condition: str, metric: str, value: float | None, op: str,
         detail = f"{name} = {value:.4g} {op} {threshold:.4g}"
     else:
         gap = abs(value - threshold)
-        rel = f", {gap / abs(threshold):.0%} of the threshold" if threshold else ""
-        side = "below" if op == ">=" else "above" if op == "<=" else "different from"
-        detail = f"{name} = {value:.4g} is {gap:.4g} {side} the threshold {threshold:.4g}{rel} ({what})"
+        rel = f" ({gap / abs(threshold):.0%})" if threshold else ""
+        if op == "<=":
+            detail = f"{name} = {value:.4g} exceeds the limit {threshold:.4g} by {gap:.4g}{rel}: {what}"
+        elif op == ">=":
+            detail = f"{name} = {value:.4g} is {gap:.4g} below the minimum {threshold:.4g}{rel}: {what}"
+        else:
+            detail = f"{name} = {value:.4g}, expected {threshold:.4g}: {what}"
     return Check(name, condition, metric, float(value), op, float(threshold), bool(ok), detail)
 
 
@@ -112,7 +116,7 @@ def apply_gate(values: dict[str, float], classes: Sequence[str], cfg: EvalConfig
         ref = values.get(key(mk.FID_DOMAIN) + mk.REF_SUFFIX)
         limit = cfg.gate_max_fid_ratio * max(ref if ref is not None and np.isfinite(ref) else 0.0, cfg.gate_fid_floor)
         checks.append(_check(key(mk.FID_DOMAIN), c, key(mk.FID_DOMAIN), values.get(key(mk.FID_DOMAIN)), "<=", limit,
-                             f"limit = {cfg.gate_max_fid_ratio:g} x max(real-vs-real {ref if ref is not None else float('nan'):.4g}, floor {cfg.gate_fid_floor:g})"))
+                             f"the limit is {cfg.gate_max_fid_ratio:g} x max(real-vs-real {ref if ref is not None else float('nan'):.4g}, floor {cfg.gate_fid_floor:g})"))
         checks.append(_check(key(mk.MS_SSIM_DIVERSITY), c, key(mk.MS_SSIM_DIVERSITY), values.get(key(mk.MS_SSIM_DIVERSITY)), "<=",
                              cfg.gate_max_diversity, "generated images of this condition are too alike: mode collapse"))
         if cfg.gate_min_recall > 0:
