@@ -18,6 +18,7 @@ from radsynth.errors import RadsynthError
 
 # name -> (module, one-line help). Order is the order the data flows.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("components.train", "train the conditional GAN (all stages, or one with --stage); resumes from checkpoints"),
 }
 
 
