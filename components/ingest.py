@@ -230,6 +230,23 @@ def _finish(img01: np.ndarray) -> tuple[np.ndarray, str]:
 
 
 def _process_dicom(task: tuple[int, str, str]) -> dict:
+    return _guarded(_process_dicom_unsafe, task)
+
+
+def _process_image(task: tuple[int, str, str]) -> dict:
+    return _guarded(_process_image_unsafe, task)
+
+
+def _guarded(worker, task: tuple[int, str, str]) -> dict:
+    """A record never stops the run: anything unexpected becomes an ``unreadable`` entry."""
+    try:
+        return worker(task)
+    except Exception as exc:  # a codec or parser bug on one odd file
+        record = pseudonym(_CTX["salt"], "file", task[2])
+        return {"ok": False, **_entry(record, "file", "unreadable", f"unexpected {type(exc).__name__} while decoding"), "study_hint": None}
+
+
+def _process_dicom_unsafe(task: tuple[int, str, str]) -> dict:
     from radsynth.imaging import ImageError, dicom_to_array, read_dicom
 
     _, path, rel = task
@@ -266,7 +283,7 @@ def _process_dicom(task: tuple[int, str, str]) -> dict:
     return {"ok": True, "record": record, "kind": "study", "patient": pseudonym(salt, "patient", patient_id), "image": image, "digest": digest, **base}
 
 
-def _process_image(task: tuple[int, str, str]) -> dict:
+def _process_image_unsafe(task: tuple[int, str, str]) -> dict:
     from radsynth.imaging import ImageError, decode_image_bytes
 
     _, path, rel = task
