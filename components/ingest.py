@@ -390,7 +390,6 @@ def ingest(params: Params, out_dir: str | os.PathLike | None = None, workers: in
         raise IngestError(f"no usable image among {len(tasks)} files; see {out_dir / 'quarantine.json'} for the reasons")
 
     images = np.stack([r["image"] for r in kept])  # [N, C, R, R]
-    seconds = time.perf_counter() - start
     counts = Counter(q["reason"] for q in quarantine)
     class_counts = {c: sum(r["label"] == c for r in kept) for c in class_names}
     summary = {
@@ -431,10 +430,12 @@ def _run_workers(worker, tasks, ctx, n_workers, progress, tqdm) -> list[dict]:
     results: list[dict] = []
     try:
         if n_workers == 1:
-            _init_worker(ctx)
-            for task in tasks:
-                results.append(worker(task))
-                bar.update()
+            with warnings.catch_warnings():
+                _init_worker(ctx)
+                for task in tasks:
+                    results.append(worker(task))
+                    bar.update()
+            _CTX.clear()  # the salt does not outlive the run in this process
         else:
             chunk = max(1, min(64, len(tasks) // (n_workers * 8)))
             with mp.get_context().Pool(n_workers, initializer=_init_worker, initargs=(ctx,)) as pool:
