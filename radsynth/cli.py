@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("components.ingest", "DICOM export + labels (or class folders) -> decoded, de-identified images + quarantine report"),
     "preprocess": ("components.preprocess", "ingest output -> dataset: progressive levels, patient-level split"),
     "validate": ("components.validate", "Great Expectations suite over the dataset; exit 1 on a failed expectation"),
+    "train": ("components.train", "train the conditional GAN (all stages, or one with --stage); resumes from checkpoints"),
 }
 
 
