@@ -18,6 +18,8 @@ from radsynth.errors import RadsynthError
 
 # name -> (module, one-line help). Order is the order the data flows.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("serving.server", "build the Triton model repository (registry alias or local ONNX) and run tritonserver"),
+    "generate": ("serving.generate", "generate images from a running server as PNG or synthetic DICOM; --check verifies it"),
 }
 
 

@@ -16,6 +16,7 @@ Python use::
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -254,3 +255,67 @@ def serve_forever(server: TritonServer) -> int:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------------------
+# `radsynth serve`
+# --------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--repository", default=None, help="model repository folder (default: serve.repository)")
+    parser.add_argument("--onnx", action="append", default=[], metavar="[NAME=]PATH",
+                        help="serve a local ONNX file instead of the registry (NAME defaults to serve.model_name; repeatable)")
+    parser.add_argument("--alias", action="append", default=[], help="registry alias(es) to serve (default: serve.aliases, i.e. champion)")
+    parser.add_argument("--flavour", choices=("cpu", "gpu"), default=None, help="cpu: python backend + onnxruntime; gpu: onnxruntime_onnx (NGC image)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--build-only", action="store_true", help="build the model repository and exit")
+    group.add_argument("--no-build", action="store_true", help="serve the existing repository as it is")
+
+
+def serve_params(params, args):
+    """``params`` with the command line's serve overrides applied."""
+    import dataclasses
+
+    cfg = params.serve
+    onnx = dict(cfg.onnx)
+    models = list(cfg.models)
+    for item in args.onnx:
+        name, path = item.split("=", 1) if "=" in item and not Path(item).exists() else (cfg.model_name, item)
+        onnx[name] = path
+        if name not in models:
+            models.append(name)
+    cfg = dataclasses.replace(
+        cfg, onnx=onnx, models=tuple(models), aliases=tuple(args.alias) or cfg.aliases,
+        flavour=args.flavour or cfg.flavour, repository=args.repository or cfg.repository,
+    )
+    return dataclasses.replace(params, serve=cfg)
+
+
+def run(args) -> int:
+    from radsynth.cli import load_cli_params
+    from serving.repository import build_repository
+
+    params = serve_params(load_cli_params(args), args)
+    cfg = params.serve
+    if not args.no_build:
+        repo = build_repository(params)
+        index = json.loads((repo / "repository.json").read_text())
+        models = ", ".join(f"{name} v{','.join(map(str, versions))}" for name, versions in index["models"].items())
+        print(f"model repository {repo} ({cfg.flavour} flavour): {models}", file=sys.stderr)
+    if args.build_only:
+        return 0
+    _, dist = find_tritonserver()
+    if cfg.flavour == "gpu" and dist is not None:
+        raise ServerError("the gpu flavour needs Triton's onnxruntime backend (NGC tritonserver image); "
+                          "here use --flavour cpu, or --build-only and deploy the repository there")
+    server = TritonServer(cfg, cfg.repository, log_path=Path(cfg.repository).parent / "tritonserver.log")
+    server.start()
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    print(f"tritonserver ready: gRPC {server.grpc_url}  HTTP http://{server.http_url}  metrics {server.metrics_url}  "
+          f"(log {server.log_path}); Ctrl-C to stop", file=sys.stderr)
+    return serve_forever(server)
