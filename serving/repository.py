@@ -127,6 +127,23 @@ def read_onnx(path: str | Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpe
     return inputs, outputs, metadata
 
 
+def external_data_files(path: str | Path) -> tuple[Path, ...]:
+    """Files holding an ONNX model's external tensors (``mlflow.onnx`` writes them by default)."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            names.update(e.value for e in tensor.external_data if e.key == "location")
+    files = tuple(path.parent / name for name in sorted(names))
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise RepositoryError(f"{path}: external tensor data {missing} missing beside the ONNX file")
+    return files
+
+
 def local_source(name: str, path: str | Path) -> ModelSource:
     """A model served from a local ONNX file (version 1).
 
@@ -219,6 +236,7 @@ def describe(cfg: ServeConfig, sources: Iterable[ModelSource]) -> ModelDescripti
         if read_onnx(other.onnx_path)[:2] != (inputs, outputs):
             raise RepositoryError(f"{newest.name}: v{other.version} and v{newest.version} have different tensors; serve one alias")
     parameters = {k: str(newest.metadata[k]) for k in METADATA_KEYS if k in newest.metadata}
+    inputs, outputs = _pin_image_dims(inputs, newest.metadata), _pin_image_dims(outputs, newest.metadata)
     if "classes" in parameters:
         try:
             classes = json.loads(parameters["classes"])
@@ -244,6 +262,22 @@ def describe(cfg: ServeConfig, sources: Iterable[ModelSource]) -> ModelDescripti
         max_queue_delay_us=cfg.max_queue_delay_us,
         instance_count=cfg.instance_count,
     )
+
+
+def _pin_image_dims(tensors: tuple[TensorSpec, ...], metadata: dict[str, str]) -> tuple[TensorSpec, ...]:
+    """Fill dynamic ``[C, H, W]`` dims of an ``image`` tensor from ``img_channels``/``img_resolution``."""
+    try:
+        known = (int(metadata["img_channels"]), int(metadata["img_resolution"]), int(metadata["img_resolution"]))
+    except (KeyError, ValueError):
+        return tensors
+    out = []
+    for t in tensors:
+        if t.name == "image" and len(t.dims) == 3:
+            if any(d not in (-1, k) for d, k in zip(t.dims, known)):
+                raise RepositoryError(f"tensor 'image' has dims {list(t.dims)} but metadata says {list(known)}")
+            t = dataclasses.replace(t, dims=known)
+        out.append(t)
+    return tuple(out)
 
 
 def render_config(desc: ModelDescription, flavour: str) -> str:
@@ -338,6 +372,8 @@ def build_repository(params: Params, repository: str | Path | None = None, flavo
                     vdir = model_dir / str(src.version)
                     vdir.mkdir()
                     shutil.copyfile(src.onnx_path, vdir / "model.onnx")
+                    for extra in external_data_files(src.onnx_path):
+                        shutil.copyfile(extra, vdir / extra.name)
                     if sha256_file(vdir / "model.onnx") != src.sha256:
                         raise RepositoryError(f"{name} v{src.version}: copy of model.onnx changed while building; retry")
                     if flavour == "cpu":

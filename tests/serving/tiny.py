@@ -9,6 +9,7 @@ tiny real generator instead). Inputs ``z`` [N, z_dim] float32 and ``class`` [N] 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,10 +51,12 @@ def export_onnx(G: nn.Module, path: Path, classes: list[str], variant: str = "ti
     path.parent.mkdir(parents=True, exist_ok=True)
     z = torch.zeros(2, G.z_dim)
     c = torch.zeros(2, dtype=torch.int64)
-    torch.onnx.export(
-        G.eval(), (z, c), str(path), input_names=["z", "class"], output_names=["image"],
-        dynamic_axes={"z": {0: "N"}, "class": {0: "N"}, "image": {0: "N"}}, opset_version=OPSET, dynamo=False,
-    )
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated, and quick for a tiny model
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            G.eval(), (z, c), str(path), input_names=["z", "class"], output_names=["image"],
+            dynamic_axes={"z": {0: "N"}, "class": {0: "N"}, "image": {0: "N"}}, opset_version=OPSET, dynamo=False,
+        )
     model = onnx.load(str(path))
     meta = {
         "classes": json.dumps(classes), "z_dim": str(G.z_dim), "img_resolution": str(G.img_resolution),
