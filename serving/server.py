@@ -90,6 +90,9 @@ def _server_env(dist: Path | None) -> dict[str, str]:
     if dist is not None:
         libs = [str(Path(sys.base_prefix) / "lib"), str(dist.parent.parent / "nvidia_pytriton.libs")]
         env["LD_LIBRARY_PATH"] = ":".join(libs + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p])
+        # The stub's isolated interpreter finds its standard library from the first `python3`
+        # on PATH: make that this Python's base install, matching the libpython loaded above.
+        env["PATH"] = os.pathsep.join([str(Path(sys.base_prefix) / "bin"), env.get("PATH", "")])
     env[PYTHONPATH_ENV] = os.pathsep.join(p for p in site.getsitepackages() if Path(p).is_dir())
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
@@ -198,11 +201,14 @@ class TritonServer:
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s (serve.ready_timeout_s):\n{self.log_tail()}")
 
-    def log_tail(self, lines: int = 25) -> str:
+    def log_tail(self, lines: int = 12) -> str:
+        """The log's error lines (model load failures) and its last ``lines`` lines."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no log)"
+        errors = [line[:2000] for line in text if line.startswith("E") and "CudaDriverHelper" not in line][-4:]
+        return "\n".join(errors + ["..."] + text[-lines:] + [f"(full log: {self.log_path})"])
 
     def stop(self, grace_s: float = 15.0) -> int | None:
         """SIGTERM, wait up to ``grace_s`` for in-flight requests, then SIGKILL. Returns the exit code."""

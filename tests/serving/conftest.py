@@ -71,9 +71,10 @@ def _forget_mlflow_uri() -> None:
 
 
 @pytest.fixture(autouse=True)
-def _own_mlflow_store(monkeypatch):
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.delenv(key, raising=False)
+def _own_mlflow_store():
+    _forget_mlflow_uri()
+    yield
+    _forget_mlflow_uri()
 
 
 @pytest.fixture(scope="session")
@@ -90,6 +91,7 @@ def registry_params(tmp_path_factory, tiny) -> Params:
     """Params whose MLflow registry holds the tiny generator as v1 @champion."""
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
     params = serving_params(tmp_path_factory.mktemp("serving"))
+    _forget_mlflow_uri()
     register_onnx(params, tiny[1], MODEL, "champion")
     _forget_mlflow_uri()
     return params
@@ -101,6 +103,7 @@ def triton(registry_params):
     from serving.repository import build_repository
     from serving.server import TritonServer
 
+    _forget_mlflow_uri()
     repo = build_repository(registry_params)
     _forget_mlflow_uri()
     server = TritonServer(registry_params.serve, repo)

@@ -67,8 +67,7 @@ def test_config_tensors_match_the_onnx_file(tiny, tmp_path):
 
 
 def test_repository_from_registry_has_a_folder_per_version(registry_params, tiny, tmp_path):
-    params = dataclasses.replace(registry_params, serve=dataclasses.replace(
-        registry_params.serve, repository=str(tmp_path / "repo"), aliases=("champion",)))
+    params = _with_serve(registry_params, repository=str(tmp_path / "repo"), aliases=("champion",))
     repo = build_repository(params)
     model_dir = repo / MODEL
     assert sorted(p.name for p in model_dir.iterdir() if p.is_dir()) == ["1"]
@@ -85,31 +84,34 @@ def test_repository_from_registry_has_a_folder_per_version(registry_params, tiny
     assert _parse((gpu_repo / MODEL / "config.pbtxt").read_text()).platform == "onnxruntime_onnx"
 
 
-def test_several_models_and_versions(tiny, tmp_path):
-    """Generator v1 (@candidate) and v2 (@champion) plus a local second model, in one repository."""
-    params = serving_params(tmp_path, **{
-        "serve.models": [MODEL, "radsynth-classifier"],
-        "serve.aliases": ["champion", "candidate"],
-        "serve.onnx": {"radsynth-classifier": str(tiny[1])},
-    })
-    register_onnx(params, tiny[1], MODEL, "candidate")
-    register_onnx(params, tiny[1], MODEL, "champion")
+def _with_serve(params, **changes):
+    return dataclasses.replace(params, serve=dataclasses.replace(params.serve, **changes))
+
+
+def test_several_models_and_versions(registry_params, tiny, tmp_path):
+    """A generator at v1 (@candidate) and v2 (@champion) plus a local second model, in one repository."""
+    name = "radsynth-generator-two-versions"                                   # its own name in the session registry
+    register_onnx(registry_params, tiny[1], name, "candidate")
+    register_onnx(registry_params, tiny[1], name, "champion")
+    params = _with_serve(registry_params, models=(name, "radsynth-classifier"), aliases=("champion", "candidate"),
+                         onnx={"radsynth-classifier": str(tiny[1])}, repository=str(tmp_path / "repo"))
     repo = build_repository(params)
-    assert sorted(p.name for p in (repo / MODEL).iterdir() if p.is_dir()) == ["1", "2"]
-    assert list(_parse((repo / MODEL / "config.pbtxt").read_text()).version_policy.specific.versions) == [1, 2]
+    assert sorted(p.name for p in (repo / name).iterdir() if p.is_dir()) == ["1", "2"]
+    assert list(_parse((repo / name / "config.pbtxt").read_text()).version_policy.specific.versions) == [1, 2]
     assert (repo / "radsynth-classifier" / "1" / "model.onnx").is_file()
 
 
-def test_sha256_mismatch_is_refused(tiny, tmp_path):
-    params = serving_params(tmp_path)
-    register_onnx(params, tiny[1], MODEL, "champion", sha256="0" * 64)
+def test_sha256_mismatch_is_refused(registry_params, tiny, tmp_path):
+    name = "radsynth-generator-tampered"
+    register_onnx(registry_params, tiny[1], name, "champion", sha256="0" * 64)
+    params = _with_serve(registry_params, models=(name,), repository=str(tmp_path / "repo"))
     with pytest.raises(RepositoryError, match="differs from the registry"):
         build_repository(params)
-    assert not (tmp_path / "model_repository").exists()                        # nothing half-built
+    assert not (tmp_path / "repo").exists()                                    # nothing half-built
 
 
 def test_unknown_alias_and_missing_file_are_clear(registry_params, tmp_path):
-    params = dataclasses.replace(registry_params, serve=dataclasses.replace(registry_params.serve, aliases=("nosuch",)))
+    params = _with_serve(registry_params, aliases=("nosuch",))
     with pytest.raises(RepositoryError, match="no version of 'radsynth-generator' has alias 'nosuch'"):
         build_repository(params, tmp_path / "r")
     with pytest.raises(RepositoryError, match="not found"):
