@@ -13,7 +13,7 @@ import pytest
 
 from radsynth.config import Params, load_params
 from tests.conftest import ROOT
-from tests.serving.tiny import CLASSES, make_tiny
+from tests.serving.tiny import CLASSES, make_generator
 
 MODEL = "radsynth-generator"
 
@@ -79,11 +79,12 @@ def _own_mlflow_store():
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """``(G, onnx_path)``: a seeded tiny generator (8x8 latent, 3 classes, 16x16 grey)."""
+    """``(G, onnx_path)``: a seeded tiny-profile generator (3 classes, 16x16 grey) and its ONNX."""
     import torch
 
     torch.set_num_threads(1)
-    return make_tiny(tmp_path_factory.mktemp("tiny") / "generator.onnx")
+    params = load_params(ROOT / "params.yaml", profile="tiny")
+    return make_generator(tmp_path_factory.mktemp("tiny") / "generator.onnx", params)
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ def test_both_flavours_from_one_description(tiny, tmp_path):
         assert config.dynamic_batching.max_queue_delay_microseconds == 1234
         assert config.instance_group[0].count == 3
         assert config.parameters["classes"].string_value == '["NORMAL", "PNEUMONIA", "COVID"]'
-        assert config.parameters["z_dim"].string_value == "8"
+        assert config.parameters["z_dim"].string_value == str(tiny[0].z_dim)
     # apart from backend/platform and the instance kind, the two configs are the same
     for config in (cpu, gpu):
         config.ClearField("backend"), config.ClearField("platform"), config.ClearField("default_model_filename")
@@ -129,6 +129,6 @@ def test_local_export_manifest_is_checked(tiny, tmp_path):
 def test_read_onnx_contract(tiny):
     inputs, outputs, meta = read_onnx(tiny[1])
     assert [(t.name, t.data_type, t.dims, t.reshape) for t in inputs] == [
-        ("z", "TYPE_FP32", (8,), None), ("class", "TYPE_INT64", (1,), ())]
+        ("z", "TYPE_FP32", (tiny[0].z_dim,), None), ("class", "TYPE_INT64", (1,), ())]
     assert [(t.name, len(t.dims)) for t in outputs] == [("image", 3)]
     assert meta["classes"] == '["NORMAL", "PNEUMONIA", "COVID"]' and CLASSES == ["NORMAL", "PNEUMONIA", "COVID"]

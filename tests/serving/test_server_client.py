@@ -93,15 +93,16 @@ def test_clear_client_errors(client, triton):
         client.generate("CARDIOMEGALY")
     with pytest.raises(TooManyImagesError, match="at most 16"):
         client.generate("NORMAL", n=17)
-    with pytest.raises(InvalidInputError, match=r"z must be \[N, 8\]"):
+    z_dim = client.info.z_dim
+    with pytest.raises(InvalidInputError, match=rf"z must be \[N, {z_dim}\]"):
         client.infer(np.zeros((2, 5), np.float32), [0, 1])
     with pytest.raises(InvalidInputError, match="class must be"):
-        client.infer(np.zeros((2, 8), np.float32), [0, 1, 2])
+        client.infer(np.zeros((2, z_dim), np.float32), [0, 1, 2])
     # the same mistakes sent unchecked are refused by the server, with its reason relayed
     with pytest.raises(InvalidInputError, match="unexpected shape for input 'z'"):
         client._infer_raw(np.zeros((2, 5), np.float32), np.zeros((2, 1), np.int64))
     with pytest.raises(InvalidInputError, match="batch size does not match"):
-        client._infer_raw(np.zeros((2, 8), np.float32), np.zeros((3, 1), np.int64))
+        client._infer_raw(np.zeros((2, z_dim), np.float32), np.zeros((3, 1), np.int64))
     with pytest.raises(ModelNotReadyError, match="radsynth-generator v1 READY"):
         Client(triton.grpc_url, model_name="radsynth-encoder", retries=0).info
 

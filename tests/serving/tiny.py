@@ -1,9 +1,8 @@
-"""A tiny conditional generator exported to ONNX with exactly the project's ONNX contract.
-
-Used by the serving tests until ``model/registry.py`` lands on main (then the tests export a
-tiny real generator instead). Inputs ``z`` [N, z_dim] float32 and ``class`` [N] int64, output
-``image`` [N, C, H, W] float32 in [-1, 1], dynamic batch, ``metadata_props`` with
-``classes`` (JSON), ``z_dim``, ``img_resolution``, ``img_channels``, ``variant``.
+"""A tiny real generator (``model.registry.build_networks``, tiny profile) exported to ONNX
+with exactly the project's ONNX contract: inputs ``z`` [N, z_dim] float32 and ``class`` [N]
+int64, output ``image`` [N, C, H, W] float32 in [-1, 1], dynamic batch, ``metadata_props``
+with ``classes`` (JSON), ``z_dim``, ``img_resolution``, ``img_channels``, ``variant``.
+Untrained weights: serving only needs a deterministic function of (z, class).
 """
 
 from __future__ import annotations
@@ -15,33 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from radsynth.config import Params
+
 CLASSES = ["NORMAL", "PNEUMONIA", "COVID"]
 OPSET = 17
-
-
-class TinyG(nn.Module):
-    """z + class embedding -> 4x4 features -> two upsampling convs -> tanh."""
-
-    def __init__(self, z_dim: int = 8, num_classes: int = 3, img_resolution: int = 16, img_channels: int = 1):
-        super().__init__()
-        self.z_dim = z_dim                         # latent size
-        self.num_classes = num_classes             # conditions
-        self.img_resolution = img_resolution       # output side
-        self.img_channels = img_channels           # 1: grey
-        self.embed = nn.Embedding(num_classes, z_dim)
-        self.fc = nn.Linear(2 * z_dim, 16 * 4 * 4)
-        layers: list[nn.Module] = []
-        res = 4
-        while res < img_resolution:
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(16, 16, 3, padding=1), nn.LeakyReLU(0.2)]
-            res *= 2
-        self.body = nn.Sequential(*layers)
-        self.to_img = nn.Conv2d(16, img_channels, 1)
-
-    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([z, self.embed(c)], dim=1)               # [N, 2 * z_dim]
-        x = self.fc(x).view(-1, 16, 4, 4)                      # [N, 16, 4, 4]
-        return torch.tanh(self.to_img(self.body(x)))           # [N, C, R, R]
 
 
 def export_onnx(G: nn.Module, path: Path, classes: list[str], variant: str = "tiny") -> Path:
@@ -69,8 +45,10 @@ def export_onnx(G: nn.Module, path: Path, classes: list[str], variant: str = "ti
     return path
 
 
-def make_tiny(path: Path, seed: int = 0, z_dim: int = 8, img_resolution: int = 16, img_channels: int = 1) -> tuple[nn.Module, Path]:
-    """A seeded tiny generator and its ONNX file."""
-    torch.manual_seed(seed)
-    G = TinyG(z_dim, len(CLASSES), img_resolution, img_channels).eval()
-    return G, export_onnx(G, path, CLASSES)
+def make_generator(path: Path, params: Params, img_resolution: int = 16, seed: int = 0) -> tuple[nn.Module, Path]:
+    """A seeded generator of ``params.model`` (grey, 3 classes) and its ONNX file."""
+    from model.registry import build_networks
+
+    G, _ = build_networks(params.model, len(CLASSES), 1, img_resolution, seed=seed)
+    G.eval().requires_grad_(False)
+    return G, export_onnx(G, path, CLASSES, variant=params.model.variant)
