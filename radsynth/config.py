@@ -176,6 +176,30 @@ class RegistryConfig:
 class ServeConfig:
     """`serve:` Triton model repository, server, client (owner: serving/)."""
 
+    model_name: str = "radsynth-generator"     # the generator's name in the registry and in Triton
+    models: tuple[str, ...] = ("radsynth-generator",)  # every model served (e.g. + radsynth-encoder)
+    onnx: dict[str, str] = dataclasses.field(default_factory=dict)  # model -> local ONNX file (skips the registry)
+    aliases: tuple[str, ...] = ("champion",)   # registry aliases served; one version folder each
+    repository: str = "artifacts/serve/model_repository"  # Triton model repository (built here)
+    flavour: str = "cpu"                       # cpu: python backend + onnxruntime | gpu: onnxruntime_onnx, KIND_GPU
+    max_batch_size: int = 64                   # largest batch one execution takes
+    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)  # dynamic batcher's targets
+    max_queue_delay_us: int = 2000             # how long a request may wait to be batched
+    instance_count: int = 1                    # model instances (per GPU on the gpu flavour)
+    intra_op_threads: int = 0                  # onnxruntime threads per instance (0: its default)
+    host: str = "127.0.0.1"                    # address the server binds (0.0.0.0 in a container)
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002                   # Prometheus /metrics
+    ready_timeout_s: float = 120.0             # `radsynth serve` waits this long for readiness
+    log_verbose: int = 0                       # tritonserver --log-verbose
+    url: str = ""                              # client target host:port; empty: host + the protocol's port
+    protocol: str = "grpc"                     # client protocol: grpc | http
+    timeout_s: float = 30.0                    # client per-request timeout
+    retries: int = 3                           # client retries on transient errors (unavailable, timeout)
+    backoff_s: float = 0.2                     # first retry delay; doubles each retry
+    max_images_per_call: int = 64              # client refuses larger n (also capped by max_batch_size)
+
 
 @dataclasses.dataclass(frozen=True)
 class WebConfig:
