@@ -244,8 +244,8 @@ def evaluate_images(generated: np.ndarray, gen_labels: np.ndarray, dataset_dir: 
     dataset = load_dataset(dataset_dir)
     res = int(generated.shape[-1])
     real = real_splits(dataset, res)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
-    clf_path = classifier_for(real, cfg, cache_dir or out_dir, progress)
+    cache_dir = Path(cfg.cache_dir or Path(params.paths.artifacts) / "cache")
+    clf_path = classifier_for(real, cfg, cache_dir, progress)
     result = compute_metrics(generated, gen_labels, real, clf_path, cfg, cache_dir=cache_dir, progress=progress)
     gate = apply_gate(result.values, real.classes, cfg, res, expected_resolution)
     values = dict(result.values)

@@ -112,7 +112,7 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
     }
     client = _client(params)
     name, clf_name = params.registry.model_name, params.registry.classifier_name
-    with mlflow.start_run(run_name=f"{STEP}-{name}") as run:
+    with mlflow.start_run(run_name=f"{STEP}-{name}", nested=mlflow.active_run() is not None) as run:
         mlflow.set_tags({**tags, "step": STEP})
         finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         mlflow.log_metrics(finite)
