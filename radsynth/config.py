@@ -143,7 +143,7 @@ class EvalConfig:
     cache_dir: str = ""                        # real-image features + classifier per data version; "": <artifacts>/cache
     gate_min_cond_acc: float = 0.5             # per condition: classifier accuracy on generated
     gate_max_fid_ratio: float = 10.0           # per condition: fid_domain <= ratio * max(ref, floor)
-    gate_fid_floor: float = 1.0                # floor of the real-vs-real reference in that ratio
+    gate_fid_floor: float = 0.5                # floor of the real-vs-real reference in that ratio
     gate_max_diversity: float = 0.9            # per condition: MS-SSIM among generated (collapse)
     gate_min_recall: float = 0.0               # per condition: k-NN recall (0 disables)
     gate_max_memorisation: float = 0.05        # memorisation share (pixel and feature space)
