@@ -174,6 +174,8 @@ def setup_distributed(device: torch.device) -> Dist:
     if world <= 1:
         return Dist()
     owns = False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         owns = True
@@ -294,6 +296,8 @@ class Trainer:
         self.device = resolve_device(self.cfg.device)
         self.dist = setup_distributed(self.device)
         self.amp = bool(self.cfg.amp and self.device.type == "cuda")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self.variant = get_variant(params.model.variant)
         self.img_resolution = self.cfg.final_resolution or dataset.img_resolution
         self.img_channels = dataset.img_channels
@@ -424,6 +428,7 @@ class Trainer:
             "stage_iters": st.total_iters, "complete": complete, "g_steps": self.g_steps,
             "kimg": self.kimg, "world_size": self.dist.world,
             "mlflow_run_id": self.run_id, "history": self.history, "data_root": str(self.dataset.root),
+            "data_md5": self.dataset.meta.get("data_md5"), "params": self.params.to_dict(),
         }
 
     @property
