@@ -63,7 +63,7 @@ RESOLUTION = "train/resolution"
 KIMG = "kimg"
 
 # Train keys that do not change the arithmetic (excluded from the resume compatibility check).
-_NON_MATH_KEYS = {"device", "checkpoint_kimg", "log_kimg", "grid_per_class", "grid_seed", "tracking", "progress"}
+_NON_MATH_KEYS = {"device", "threads", "checkpoint_kimg", "log_kimg", "grid_per_class", "grid_seed", "tracking", "progress"}
 
 
 class TrainingError(RadsynthError):
@@ -294,6 +294,8 @@ class Trainer:
         self.classes = dataset.classes
         self.on_iteration = on_iteration
         self.device = resolve_device(self.cfg.device)
+        if self.cfg.threads > 0:
+            torch.set_num_threads(self.cfg.threads)
         self.dist = setup_distributed(self.device)
         self.amp = bool(self.cfg.amp and self.device.type == "cuda")
         if self.device.type == "cuda":

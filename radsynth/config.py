@@ -112,6 +112,7 @@ class TrainConfig:
     drift_epsilon: float = 1e-3                # weight of mean(D(real)^2), keeps critic scores bounded
     ema_beta: float = 0.999                    # G_ema <- beta * G_ema + (1 - beta) * G, every G step
     device: str = "auto"                       # auto | cpu | cuda | cuda:N
+    threads: int = 0                           # torch CPU threads; 0: torch's default (all cores)
     amp: bool = True                           # bfloat16 autocast on CUDA (ignored on CPU)
     checkpoint_kimg: float = 50.0              # periodic checkpoint interval (also at every stage end)
     log_kimg: float = 5.0                      # metrics / progress interval
