@@ -18,6 +18,8 @@ from radsynth.errors import RadsynthError
 
 # name -> (module, one-line help). Order is the order the data flows.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "encoder": ("components.encoder", "train the image -> z encoder on the frozen G_ema, export ONNX, register it"),
+    "web": ("serving.web.server", "run the web app (gunicorn) against Triton and the registry; prints its URL"),
 }
 
 
