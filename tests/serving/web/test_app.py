@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html as html_lib
 import io
 import json
 import re
@@ -72,8 +73,14 @@ def colour_dicom() -> bytes:
 
 
 def no_pixels() -> bytes:
+    """A structured report: a valid DICOM object with no image in it."""
     ds = small_dicom()
-    del ds.PixelData
+    for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                    "SamplesPerPixel", "PhotometricInterpretation"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    ds.Modality = "SR"
     return dicom_bytes(ds)
 
 
@@ -89,7 +96,8 @@ BAD_UPLOADS = {
     "colour DICOM": (colour_dicom, "rgb.dcm", 422, "colour"),
     "colour PNG": (lambda: png_bytes(COLOUR), "photo.png", 422, "colour"),
     "truncated PNG": (lambda: png_bytes(GREY)[:300], "cut.png", 422, "truncated"),
-    "decompression bomb": (lambda: png_bomb(60000, 60000), "bomb.png", 413, "megapixels"),
+    "decompression bomb": (lambda: png_bomb(60000, 60000), "bomb.png", 413, "decompression bomb"),
+    "too many pixels": (lambda: png_bomb(3000, 3000), "wide.png", 413, "megapixels"),
     "empty file": (lambda: b"", "empty.png", 422, "empty"),
 }
 
@@ -141,7 +149,7 @@ def test_generate_without_upload_shows_images_facts_metrics_and_audits(client, p
 
 def test_same_seed_same_images_and_permalink_reproduces_them(client, h):
     first = h.post_generate(client, seed=5, n=2).get_data(as_text=True)
-    link = re.search(r'id="permalink" type="text" readonly value="([^"]+)"', first).group(1)
+    link = html_lib.unescape(re.search(r'id="permalink" type="text" readonly value="([^"]+)"', first).group(1))
     assert link.endswith("/result?condition=NORMAL&seed=5&n=2")
     again = client.get(link.replace("http://localhost", ""))
     assert again.status_code == 200
