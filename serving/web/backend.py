@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -98,11 +98,31 @@ def registry_facts(params: Params) -> tuple[str | None, dict[str, float], dict[s
         for key, value in source.items():
             if key.startswith(mk.UNAVAILABLE + "."):
                 unavailable[key[len(mk.UNAVAILABLE) + 1:]] = str(value)
+    if run is not None and not unavailable:
+        unavailable.update(_unavailable_from_artifact(client, run.info.run_id))
     return str(mv.version), metrics, unavailable, tags, None
+
+
+def _unavailable_from_artifact(client, run_id: str) -> dict[str, str]:
+    """``unavailable`` of the run's ``evaluate/evaluate.json`` artefact (the evaluation's reasons), if logged."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="radsynth-web-") as tmp:
+            path = client.download_artifacts(run_id, "evaluate/evaluate.json", tmp)
+            with open(path) as fh:
+                found = json.load(fh).get(mk.UNAVAILABLE) or {}
+    except Exception:  # not logged, or unreadable: reasons stay generic
+        return {}
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
 
 
 class TritonBackend:
     """Generator, encoder and classifier on a running Triton, over gRPC; facts from MLflow.
+
+    The generator goes through :class:`serving.client.Client` (one per thread: retries,
+    timeouts, error mapping); the encoder and classifier, which take images rather than
+    ``(z, class)``, through the same tritonclient gRPC API on the same server.
 
     Args:
         params: the resolved config (``web`` section and ``paths.mlflow_uri``).
@@ -117,49 +137,57 @@ class TritonBackend:
         self._info_at = 0.0
 
     # -- transport ---------------------------------------------------------------------
-    def _client(self):
-        client = getattr(self._local, "client", None)
+    def _generator(self):
+        client = getattr(self._local, "generator", None)
+        if client is None:
+            from serving.client import Client
+
+            client = Client(self.cfg.triton_url, "grpc", self.cfg.model_name, "", timeout_s=self.cfg.triton_timeout_s,
+                            retries=1, backoff_s=0.1, max_images_per_call=max(64, 2 * self.cfg.max_images))
+            self._local.generator = client
+        return client
+
+    def _raw(self):
+        client = getattr(self._local, "raw", None)
         if client is None:
             import tritonclient.grpc as grpcclient
 
             client = grpcclient.InferenceServerClient(url=self.cfg.triton_url)
-            self._local.client = client
+            self._local.raw = client
         return client
 
     def _unavailable(self, what: str, exc: BaseException) -> ServiceUnavailable:
         text = str(exc)
-        if "UNAVAILABLE" in text or "failed to connect" in text.lower() or "connection refused" in text.lower():
+        low = text.lower()
+        if "unavailable" in low or "failed to connect" in low or "connection refused" in low or "did not answer" in low:
             why = f"the image server at {self.cfg.triton_url} is not reachable"
-        elif "DEADLINE" in text.upper():
+        elif "deadline" in low:
             why = f"the image server at {self.cfg.triton_url} did not answer within {self.cfg.triton_timeout_s:g} s"
         else:
-            why = f"{what} is not ready on the image server ({text.splitlines()[0][:160] if text else type(exc).__name__})"
+            why = f"{what} is not ready on the image server ({text.splitlines()[0][:200] if text else type(exc).__name__})"
         return ServiceUnavailable(why)
 
-    def _ready(self, model: str, version: str = "") -> bool:
-        try:
-            return bool(self._client().is_model_ready(model, version, client_timeout=self.cfg.triton_timeout_s))
-        except Exception as exc:  # tritonclient wraps gRPC errors in InferenceServerException
-            raise self._unavailable(f"model {model}", exc) from None
-
-    def _infer(self, model: str, inputs: dict[str, np.ndarray], output: str, version: str = "") -> np.ndarray:
+    def _infer(self, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
         import tritonclient.grpc as grpcclient
 
         tensors = []
         for name, arr in inputs.items():
             arr = np.ascontiguousarray(arr)
-            dtype = "FP32" if arr.dtype == np.float32 else "INT64"
-            t = grpcclient.InferInput(name, list(arr.shape), dtype)
+            t = grpcclient.InferInput(name, list(arr.shape), "FP32" if arr.dtype == np.float32 else "INT64")
             t.set_data_from_numpy(arr)
             tensors.append(t)
         try:
-            result = self._client().infer(
-                model, tensors, model_version=version, outputs=[grpcclient.InferRequestedOutput(output)],
-                client_timeout=self.cfg.triton_timeout_s,
-            )
-        except Exception as exc:
+            result = self._raw().infer(model, tensors, outputs=[grpcclient.InferRequestedOutput(output)],
+                                       client_timeout=self.cfg.triton_timeout_s)
+        except Exception as exc:  # tritonclient wraps every gRPC failure in InferenceServerException
             raise self._unavailable(f"model {model}", exc) from None
         return result.as_numpy(output)
+
+    def _optional_ready(self, model: str) -> bool:
+        try:
+            return bool(self._raw().is_model_ready(model, client_timeout=self.cfg.triton_timeout_s))
+        except Exception:  # absent or unreachable: the page says the feature is unavailable
+            return False
 
     # -- facts -------------------------------------------------------------------------
     def model_info(self) -> ModelInfo:
@@ -168,40 +196,31 @@ class TritonBackend:
         Raises:
             ServiceUnavailable: Triton is down or the generator is not ready.
         """
+        from serving.client import ClientError
+
         with self._lock:
             if self._info is not None and time.monotonic() - self._info_at < self.cfg.model_info_ttl_s:
                 return self._info
-        name = self.cfg.model_name
-        if not self._ready(name):
-            raise ServiceUnavailable(f"the generator {name} is loaded on the image server but not ready yet")
         try:
-            meta = self._client().get_model_metadata(name, as_json=True, client_timeout=self.cfg.triton_timeout_s)
-            config = self._client().get_model_config(name, as_json=True, client_timeout=self.cfg.triton_timeout_s)["config"]
-        except Exception as exc:
-            raise self._unavailable(f"the generator {name}", exc) from None
-        served = sorted((v for v in meta.get("versions", []) if str(v).isdigit()), key=int)
-        parameters = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
-        classes = tuple(json.loads(parameters.get("classes", "[]")))
-        if not classes:
-            raise ServiceUnavailable(f"the served {name} does not carry its class names (config parameter 'classes')")
-        z_dim = int(parameters.get("z_dim") or _input_dim(meta, "z"))
+            served = self._generator().refresh()
+        except ClientError as exc:
+            raise self._unavailable(f"the generator {self.cfg.model_name}", exc) from None
         reg_version, metrics, unavailable, tags, note = registry_facts(self.params)
-        version = reg_version if reg_version in served else (served[-1] if served else "")
-        if reg_version and reg_version not in served:
+        if reg_version and reg_version != served.version:
             note = (note + "; " if note else "") + (
                 f"the registry's {self.cfg.model_alias} is version {reg_version} but the image server serves "
-                f"{', '.join(served) or 'no numbered version'}; the page shows the served one"
+                f"version {served.version}; the page shows the served one, whose evaluation is not loaded"
             )
             metrics, unavailable, tags = {}, {}, {}
         info = ModelInfo(
-            name=name,
-            version=version,
+            name=served.name,
+            version=served.version,
             alias=self.cfg.model_alias,
             registry_version=reg_version,
-            classes=classes,
-            z_dim=z_dim,
-            img_resolution=int(parameters.get("img_resolution") or _output_dims(meta, "image")[-1]),
-            img_channels=int(parameters.get("img_channels") or _output_dims(meta, "image")[-3]),
+            classes=tuple(served.classes),
+            z_dim=served.z_dim,
+            img_resolution=served.img_resolution,
+            img_channels=served.img_channels,
             metrics=metrics,
             unavailable=unavailable,
             tags=tags,
@@ -213,17 +232,15 @@ class TritonBackend:
             self._info, self._info_at = info, time.monotonic()
         return info
 
-    def _optional_ready(self, model: str) -> bool:
-        try:
-            return self._ready(model)
-        except ServiceUnavailable:
-            return False
-
     # -- inference ---------------------------------------------------------------------
     def generate(self, z: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """``G(z [N, z_dim], class [N]) -> float32 [N, C, H, W]`` in [-1, 1]."""
-        info = self.model_info()
-        return self._infer(info.name, {"z": z.astype(np.float32), "class": classes.astype(np.int64)}, "image", info.version)
+        from serving.client import ClientError
+
+        try:
+            return self._generator().infer(z.astype(np.float32), classes.astype(np.int64))
+        except ClientError as exc:
+            raise self._unavailable(f"the generator {self.cfg.model_name}", exc) from None
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """``E(image [N, C, R, R] in [-1, 1]) -> z [N, z_dim]``."""
@@ -235,17 +252,3 @@ class TritonBackend:
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def _input_dim(meta: dict[str, Any], name: str) -> int:
-    for t in meta.get("inputs", []):
-        if t.get("name") == name:
-            return int(t["shape"][-1])
-    raise ServiceUnavailable(f"the served generator has no input {name!r}")
-
-
-def _output_dims(meta: dict[str, Any], name: str) -> list[int]:
-    for t in meta.get("outputs", []):
-        if t.get("name") == name:
-            return [int(d) for d in t["shape"]]
-    raise ServiceUnavailable(f"the served generator has no output {name!r}")

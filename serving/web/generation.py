@@ -90,20 +90,32 @@ def data_uri(blob: bytes, mime: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(blob).decode("ascii")
 
 
-def dicom_bytes(image: np.ndarray, info: ModelInfo, condition: str, seed: int, index: int) -> tuple[bytes | None, str | None]:
-    """Synthetic Secondary Capture DICOM of one image via ``serving.dicom_out``.
+def dicom_bytes(images: np.ndarray, info: ModelInfo, condition: str, seed: int) -> tuple[list[bytes] | None, str | None]:
+    """Synthetic Secondary Capture DICOM files (one new study/series) via ``serving.dicom_out``.
+
+    Args:
+        images: uint8 ``[n, C, H, W]``.
 
     Returns:
-        ``(bytes, None)``, or ``(None, reason)`` when the DICOM writer is not installed.
+        ``(files, None)``, or ``(None, reason)`` when the synthetic-DICOM writer is not installed.
     """
     try:
-        from serving import dicom_out
+        from pydicom.uid import generate_uid
+
+        from serving.dicom_out import synthetic_dataset
     except ImportError:
         return None, "DICOM download is unavailable: the synthetic-DICOM writer (serving/dicom_out.py) is not installed"
-    blob = dicom_out.to_dicom_bytes(
-        image, model_name=info.name, model_version=info.version, condition=condition, seed=seed, index=index,
-    )
-    return blob, None
+    study_uid, series_uid = generate_uid(), generate_uid()
+    files = []
+    for index, image in enumerate(images):
+        ds = synthetic_dataset(
+            image.transpose(1, 2, 0), model_name=info.name, model_version=info.version, seed=seed,
+            condition=condition, index=index, study_uid=study_uid, series_uid=series_uid,
+        )
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        files.append(buf.getvalue())
+    return files, None
 
 
 def run(
@@ -157,16 +169,16 @@ def run(
         p = backend.classify(batch.astype(np.float32) / 127.5 - 1.0)  # [n (+1), K]
         probs, upload_probs = p[:n], (p[n] if reference is not None else None)
     else:
-        classifier_note = f"the domain classifier is not served, so confidence is unavailable"
+        classifier_note = "the domain classifier is not served, so confidence is unavailable"
 
-    generated, dicom_note = [], None
+    dicoms, dicom_note = dicom_bytes(images, info, condition, seed)
+    generated = []
     for i in range(n):
-        dcm, dicom_note = dicom_bytes(images[i], info, condition, seed, i)
         generated.append(Generated(
             index=i,
             image=images[i],
             png=png_bytes(images[i]),
-            dicom=dcm,
+            dicom=None if dicoms is None else dicoms[i],
             ssim=None if reference is None else ssim(images[i], reference),
             confidence=None if probs is None else float(probs[i, cls]),
         ))
