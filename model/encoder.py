@@ -118,7 +118,7 @@ def train_encoder(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if len(losses) % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")
     return E.eval(), losses
