@@ -110,10 +110,13 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
     Returns:
         ``{"name": ..., "version": ...}``.
     """
+    import tempfile
+
     import mlflow
     import onnx
     from mlflow.tracking import MlflowClient
 
+    from radsynth.io import sha256_file
     from radsynth.tracking import provenance, setup_mlflow
 
     setup_mlflow(params)
@@ -134,9 +137,14 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
         mlflow.log_metrics({"recon_ssim": summary["recon_ssim"], "recon_mse": summary["recon_mse"],
                             "recon_ssim_random_z": summary["recon_ssim_random_z"], "final_loss": summary["final_loss"]})
         mlflow.set_tags(tags)
-        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name)
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name,
+                                     save_as_external_data=False)
     client = MlflowClient()
     version = str(info.registered_model_version)
+    # serving verifies the stored model.onnx against this tag: hash the file MLflow stored
+    with tempfile.TemporaryDirectory(prefix="radsynth-encoder-") as tmp:
+        stored = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        tags["onnx_sha256"] = sha256_file(stored / "model.onnx" if stored.is_dir() else stored)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, "candidate", version)

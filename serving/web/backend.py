@@ -183,11 +183,20 @@ class TritonBackend:
             raise self._unavailable(f"model {model}", exc) from None
         return result.as_numpy(output)
 
-    def _optional_ready(self, model: str) -> bool:
+    def _optional_ready(self, model: str, expect: dict[str, int]) -> bool:
+        """True when ``model`` is served, ready, and its config parameters agree with ``expect``."""
         try:
-            return bool(self._raw().is_model_ready(model, client_timeout=self.cfg.triton_timeout_s))
+            if not self._raw().is_model_ready(model, client_timeout=self.cfg.triton_timeout_s):
+                return False
+            config = self._raw().get_model_config(model, as_json=True, client_timeout=self.cfg.triton_timeout_s)["config"]
         except Exception:  # absent or unreachable: the page says the feature is unavailable
             return False
+        parameters = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+        for key, value in expect.items():
+            if key in parameters and parameters[key] != str(value):
+                log.warning("%s serves %s=%s but the generator needs %s; not used", model, key, parameters[key], value)
+                return False
+        return True
 
     # -- facts -------------------------------------------------------------------------
     def model_info(self) -> ModelInfo:
@@ -225,8 +234,10 @@ class TritonBackend:
             unavailable=unavailable,
             tags=tags,
             registry_note=note,
-            encoder_ready=self._optional_ready(self.cfg.encoder_name),
-            classifier_ready=self._optional_ready(self.cfg.classifier_name),
+            encoder_ready=self._optional_ready(self.cfg.encoder_name, {
+                "z_dim": served.z_dim, "img_resolution": served.img_resolution, "img_channels": served.img_channels}),
+            classifier_ready=self._optional_ready(self.cfg.classifier_name, {
+                "img_resolution": served.img_resolution, "img_channels": served.img_channels}),
         )
         with self._lock:
             self._info, self._info_at = info, time.monotonic()
