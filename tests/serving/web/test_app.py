@@ -99,6 +99,7 @@ BAD_UPLOADS = {
     "decompression bomb": (lambda: png_bomb(60000, 60000), "bomb.png", 413, "decompression bomb"),
     "too many pixels": (lambda: png_bomb(3000, 3000), "wide.png", 413, "megapixels"),
     "empty file": (lambda: b"", "empty.png", 422, "empty"),
+    "DICOM over the pixel cap": (lambda: dicom_bytes(small_dicom(Rows=3000, Columns=3000)), "huge.dcm", 413, "megapixels"),
 }
 
 
