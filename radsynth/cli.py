@@ -18,6 +18,10 @@ from radsynth.errors import RadsynthError
 
 # name -> (module, one-line help). Order is the order the data flows.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "ingest": ("components.ingest", "DICOM export + labels (or class folders) -> decoded, de-identified images + quarantine report"),
+    "preprocess": ("components.preprocess", "ingest output -> dataset: progressive levels, patient-level split"),
+    "validate": ("components.validate", "Great Expectations suite over the dataset; exit 1 on a failed expectation"),
+    "train": ("components.train", "train the conditional GAN (all stages, or one with --stage); resumes from checkpoints"),
     "encoder": ("components.encoder", "train the image -> z encoder on the frozen G_ema, export ONNX, register it"),
     "web": ("serving.web.server", "run the web app (gunicorn) against Triton and the registry; prints its URL"),
 }
