@@ -262,6 +262,23 @@ def test_upload_generate_inspect_download_in_a_real_browser(stack, browser):
     phone.screenshot(path=str(ARTIFACTS / "web_result_phone.png"), full_page=True)
 
 
+def test_model_not_ready_is_a_503_that_says_so(stack):
+    """Triton is up but does not serve the configured generator: 503 naming the model, no traceback."""
+    import dataclasses
+
+    from serving.web.app import create_app
+    from serving.web.backend import TritonBackend
+
+    params, _, _ = stack
+    missing = dataclasses.replace(params, web=dataclasses.replace(params.web, model_name="radsynth-generator-missing"))
+    client = create_app(missing, backend=TritonBackend(missing)).test_client()
+    resp = client.get("/")
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "10"
+    assert "radsynth-generator-missing" in html and "not ready" in html and 'id="retry"' in html
+    assert "Traceback" not in html
+
+
 def test_triton_down_shows_503_with_retry(stack, browser):
     _, url, triton = stack
     triton.stop()
