@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import socket
 import sys
 
 from radsynth.config import Params
+from radsynth.errors import RadsynthError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +32,9 @@ def serve(params: Params, host: str, port: int, workers: int) -> None:
     from serving.web.app import create_app
 
     cfg = params.web
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1" if host in ("0.0.0.0", "") else host, port)) == 0:
+            raise RadsynthError(f"port {port} on {host} is already in use; stop that server or pass --port / --set web.port=...")
     os.environ.setdefault(cfg.secret_key_env, secrets.token_hex(32))
     url = f"http://{host}:{port}/"
 
