@@ -50,7 +50,8 @@ def encoder(params: Params, register: bool = True, progress: bool = True) -> dic
     g_path = art / "train" / "G_ema.safetensors"
     if not g_path.is_file():
         raise RadsynthError(f"{g_path} not found: run `radsynth train` first (the encoder inverts the trained G_ema)")
-    G, meta = load_generator(g_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    G, meta = load_generator(g_path, device=device)
     data = load_dataset(art / "dataset")
     res = int(G.img_resolution)
     if res not in data.levels:

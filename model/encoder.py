@@ -93,7 +93,7 @@ def train_encoder(
         progress: show a progress bar.
 
     Returns:
-        ``(E, losses)``: the trained encoder in eval mode and the loss per step.
+        ``(E, losses)``: the trained encoder in eval mode, on G's device, and the loss per step.
     """
     from tqdm import tqdm
 
@@ -102,7 +102,8 @@ def train_encoder(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     G.eval().requires_grad_(False)
-    E = Encoder(G.z_dim, G.img_resolution, G.img_channels, cfg.encoder_channels)
+    device = next(G.parameters()).device
+    E = Encoder(G.z_dim, G.img_resolution, G.img_channels, cfg.encoder_channels).to(device)
     opt = torch.optim.Adam(E.parameters(), lr=cfg.encoder_lr, betas=(0.9, 0.99))
     x_all = torch.from_numpy(np.ascontiguousarray(images))
     c_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
@@ -111,8 +112,8 @@ def train_encoder(
                desc="encoder", unit="step", disable=not progress, leave=False)
     for idx in bar:
         ix = torch.from_numpy(idx)
-        x = x_all[ix].float() / 127.5 - 1.0  # [B, C, R, R]
-        c = c_all[ix]
+        x = x_all[ix].to(device).float() / 127.5 - 1.0  # [B, C, R, R]
+        c = c_all[ix].to(device)
         z = E(x)  # [B, z_dim]
         loss = F.mse_loss(G(z, c), x) + cfg.encoder_prior_weight * z.pow(2).mean()
         opt.zero_grad(set_to_none=True)
@@ -131,11 +132,13 @@ def reconstruction_report(E: nn.Module, G: nn.Module, images: np.ndarray, labels
 
     from radsynth.latent import z_from_seed
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).float() / 127.5 - 1.0  # [N, C, R, R]
-    c = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    recon = torch.cat([G(E(x[i:i + 64]), c[i:i + 64]) for i in range(0, len(x), 64)])
-    z_rand = torch.from_numpy(z_from_seed(seed, len(x), G.z_dim))
-    rand = torch.cat([G(z_rand[i:i + 64], c[i:i + 64]) for i in range(0, len(x), 64)])
+    device = next(G.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().to(device) / 127.5 - 1.0  # [N, C, R, R]
+    c = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+    recon = torch.cat([G(E(x[i:i + 64]), c[i:i + 64]) for i in range(0, len(x), 64)]).cpu()
+    z_rand = torch.from_numpy(z_from_seed(seed, len(x), G.z_dim)).to(device)
+    rand = torch.cat([G(z_rand[i:i + 64], c[i:i + 64]) for i in range(0, len(x), 64)]).cpu()
+    x = x.cpu()
 
     side = x.shape[-1]
     win = min(7, side if side % 2 else side - 1)
@@ -175,7 +178,7 @@ def export_onnx(E: Encoder, path: str | Path, metadata: dict[str, str], opset: i
 
     from radsynth.io import atomic_path
 
-    E = E.eval()
+    E = E.eval().cpu()
     dummy = torch.zeros(2, E.img_channels, E.img_resolution, E.img_resolution)
     with atomic_path(path) as tmp:
         with warnings.catch_warnings():
