@@ -155,9 +155,10 @@ def main() -> int:
     G, _ = build_networks(params.model, len(CLASSES), 1, args.resolution, seed=0)
     G.eval().requires_grad_(False)
     work = Path(tempfile.mkdtemp(prefix="radsynth-bench-"))
-    from tests.serving.tiny import export_onnx  # same tensors and metadata as components/export.py
+    from components.export import export_generator
 
-    export_onnx(G, work / "generator.onnx", CLASSES, variant=params.model.variant)
+    meta = {"classes": CLASSES, "variant": params.model.variant, "data_md5": "benchmark", "params_digest": params.digest()}
+    export_generator(G, meta, work / "generator.onnx", params.export)
     onnx_path = work / "generator.onnx"
     save_generator(work / "G.safetensors", G, {
         "classes": CLASSES, "variant": params.model.variant, "z_dim": G.z_dim, "img_resolution": args.resolution,

@@ -52,7 +52,7 @@ def register_onnx(params: Params, onnx_path: Path, name: str, alias: str, sha256
     with mlflow.start_run():
         mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name)
     version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    if sha256 is None:  # the stored model.onnx (mlflow moves tensors to external data)
+    if sha256 is None:  # of the stored model.onnx (logged with external tensor data: the harder case)
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
             sha256 = sha256_file(local / "model.onnx")
