@@ -36,7 +36,7 @@ from radsynth.io import atomic_dir, sha256_file, write_json
 FLAVOURS = ("cpu", "gpu")
 PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
 # Metadata keys carried from ONNX metadata_props / registry tags into config parameters.
-METADATA_KEYS = ("classes", "z_dim", "img_resolution", "img_channels", "variant", "model_kind")
+METADATA_KEYS = ("classes", "z_dim", "img_resolution", "img_channels", "variant", "kind")
 
 _ONNX_TO_TRITON = {
     1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32",
