@@ -61,7 +61,7 @@ def test_other_models_are_served_beside_the_generator(client, classifier):
     assert logits.shape == (5, 3)
     np.testing.assert_allclose(logits, expected, atol=ATOL)
     with torch.no_grad():
-        np.testing.assert_allclose(logits, model(torch.from_numpy(images)).numpy(), atol=1e-4)
+        np.testing.assert_allclose(logits, model(torch.from_numpy(images.copy())).numpy(), atol=1e-4)
 
 
 def test_http_gives_the_same_images(triton, registry_params, client):
