@@ -120,9 +120,9 @@ def _unavailable_from_artifact(client, run_id: str) -> dict[str, str]:
 class TritonBackend:
     """Generator, encoder and classifier on a running Triton, over gRPC; facts from MLflow.
 
-    The generator goes through :class:`serving.client.Client` (one per thread: retries,
-    timeouts, error mapping); the encoder and classifier, which take images rather than
-    ``(z, class)``, through the same tritonclient gRPC API on the same server.
+    Every call goes through :class:`serving.client.Client` (one per thread: retries,
+    timeouts, error mapping): the generator with ``infer``, the encoder and classifier,
+    which take images rather than ``(z, class)``, with ``run``.
 
     Args:
         params: the resolved config (``web`` section and ``paths.mlflow_uri``).
@@ -147,15 +147,6 @@ class TritonBackend:
             self._local.generator = client
         return client
 
-    def _raw(self):
-        client = getattr(self._local, "raw", None)
-        if client is None:
-            import tritonclient.grpc as grpcclient
-
-            client = grpcclient.InferenceServerClient(url=self.cfg.triton_url)
-            self._local.raw = client
-        return client
-
     def _unavailable(self, what: str, exc: BaseException) -> ServiceUnavailable:
         text = str(exc)
         low = text.lower()
@@ -168,30 +159,21 @@ class TritonBackend:
         return ServiceUnavailable(why)
 
     def _infer(self, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
-        import tritonclient.grpc as grpcclient
+        from serving.client import ClientError
 
-        tensors = []
-        for name, arr in inputs.items():
-            arr = np.ascontiguousarray(arr)
-            t = grpcclient.InferInput(name, list(arr.shape), "FP32" if arr.dtype == np.float32 else "INT64")
-            t.set_data_from_numpy(arr)
-            tensors.append(t)
         try:
-            result = self._raw().infer(model, tensors, outputs=[grpcclient.InferRequestedOutput(output)],
-                                       client_timeout=self.cfg.triton_timeout_s)
-        except Exception as exc:  # tritonclient wraps every gRPC failure in InferenceServerException
+            return self._generator().run(model, inputs, [output])[output]
+        except ClientError as exc:
             raise self._unavailable(f"model {model}", exc) from None
-        return result.as_numpy(output)
 
     def _optional_ready(self, model: str, expect: dict[str, int]) -> bool:
         """True when ``model`` is served, ready, and its config parameters agree with ``expect``."""
+        from serving.client import ClientError
+
         try:
-            if not self._raw().is_model_ready(model, client_timeout=self.cfg.triton_timeout_s):
-                return False
-            config = self._raw().get_model_config(model, as_json=True, client_timeout=self.cfg.triton_timeout_s)["config"]
-        except Exception:  # absent or unreachable: the page says the feature is unavailable
+            parameters = self._generator().model_parameters(model)
+        except ClientError:  # absent or unreachable: the page says the feature is unavailable
             return False
-        parameters = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
         for key, value in expect.items():
             if key in parameters and parameters[key] != str(value):
                 log.warning("%s serves %s=%s but the generator needs %s; not used", model, key, parameters[key], value)
