@@ -63,7 +63,7 @@ RESOLUTION = "train/resolution"
 KIMG = "kimg"
 
 # Train keys that do not change the arithmetic (excluded from the resume compatibility check).
-_NON_MATH_KEYS = {"device", "checkpoint_kimg", "log_kimg", "grid_per_class", "grid_seed", "tracking", "progress"}
+_NON_MATH_KEYS = {"device", "threads", "checkpoint_kimg", "log_kimg", "grid_per_class", "grid_seed", "tracking", "progress"}
 
 
 class TrainingError(RadsynthError):
@@ -174,6 +174,8 @@ def setup_distributed(device: torch.device) -> Dist:
     if world <= 1:
         return Dist()
     owns = False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         owns = True
@@ -292,8 +294,12 @@ class Trainer:
         self.classes = dataset.classes
         self.on_iteration = on_iteration
         self.device = resolve_device(self.cfg.device)
+        if self.cfg.threads > 0:
+            torch.set_num_threads(self.cfg.threads)
         self.dist = setup_distributed(self.device)
         self.amp = bool(self.cfg.amp and self.device.type == "cuda")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self.variant = get_variant(params.model.variant)
         self.img_resolution = self.cfg.final_resolution or dataset.img_resolution
         self.img_channels = dataset.img_channels
@@ -424,6 +430,7 @@ class Trainer:
             "stage_iters": st.total_iters, "complete": complete, "g_steps": self.g_steps,
             "kimg": self.kimg, "world_size": self.dist.world,
             "mlflow_run_id": self.run_id, "history": self.history, "data_root": str(self.dataset.root),
+            "data_md5": self.dataset.meta.get("data_md5"), "params": self.params.to_dict(),
         }
 
     @property

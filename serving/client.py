@@ -227,18 +227,30 @@ class Client:
         self._info = None
         return self.info
 
-    def _fetch_info(self) -> ModelInfo:
+    def _model_config(self, model_name: str, model_version: str = "") -> dict:
+        """Liveness, readiness, then the served config of ``model_name`` (raises when not ready)."""
         self._call("a liveness check", lambda: self._client.is_server_live(**self._timeout_kw()))
-        ready = self._call("a readiness check", lambda: self._client.is_model_ready(self.model_name, self.model_version, **self._timeout_kw()))
+        ready = self._call("a readiness check", lambda: self._client.is_model_ready(model_name, model_version, **self._timeout_kw()))
         if not ready:
             raise ModelNotReadyError(
-                f"model {self.model_name!r} (version {self.model_version or 'newest'}) is not ready on {self.url}; "
+                f"model {model_name!r} (version {model_version or 'newest'}) is not ready on {self.url}; "
                 f"models there: {self._index_summary()}. Check the server log (`radsynth serve`)"
             )
         if self.protocol == "grpc":
-            config = self._call("the model config", lambda: self._client.get_model_config(self.model_name, self.model_version, as_json=True, **self._timeout_kw()))["config"]
-        else:
-            config = self._call("the model config", lambda: self._client.get_model_config(self.model_name, self.model_version))
+            return self._call("the model config", lambda: self._client.get_model_config(model_name, model_version, as_json=True, **self._timeout_kw()))["config"]
+        return self._call("the model config", lambda: self._client.get_model_config(model_name, model_version))
+
+    def model_parameters(self, model_name: str) -> dict[str, str]:
+        """Config parameters of any served model (e.g. the encoder's ``z_dim``).
+
+        Raises:
+            ModelNotReadyError: the model is absent or not ready; ServerUnavailableError: no server.
+        """
+        config = self._model_config(model_name)
+        return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+    def _fetch_info(self) -> ModelInfo:
+        config = self._model_config(self.model_name, self.model_version)
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         missing = [k for k in ("classes", "z_dim", "img_resolution", "img_channels") if k not in params]
         if missing:
@@ -304,6 +316,36 @@ class Client:
             lambda: self._client.infer(self.model_name, [z_in, c_in], model_version=self.model_version, outputs=out, **self._timeout_kw()),
         )
         return result.as_numpy("image")  # [N, C, H, W]
+
+    def run(self, model_name: str, inputs: dict[str, np.ndarray], outputs: Sequence[str], model_version: str = "") -> dict[str, np.ndarray]:
+        """Call any served model (e.g. ``radsynth-classifier``: ``{"image": [N, C, H, W]}`` -> ``logits``)
+        with this client's timeout, retries and error mapping.
+
+        Args:
+            model_name: Triton model name.
+            inputs: tensor name -> array (batch axis first).
+            outputs: output tensor names to return.
+            model_version: "" for the newest served version.
+
+        Returns:
+            output name -> array.
+        """
+        tc = self._tc
+        dtypes = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.uint8): "UINT8"}
+        tensors = []
+        for name, array in inputs.items():
+            array = np.ascontiguousarray(array)
+            if array.dtype not in dtypes:
+                raise InvalidInputError(f"input {name!r}: dtype {array.dtype} not supported (use float32, int64, int32 or uint8)")
+            tensor = tc.InferInput(name, list(array.shape), dtypes[array.dtype])
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        requested = [tc.InferRequestedOutput(name) for name in outputs]
+        result = self._call(
+            f"an inference request to {model_name}",
+            lambda: self._client.infer(model_name, tensors, model_version=model_version, outputs=requested, **self._timeout_kw()),
+        )
+        return {name: result.as_numpy(name) for name in outputs}
 
     def sample(self, condition: str, n: int = 1, seed: int | None = None) -> Sample:
         """Generate ``n`` images of ``condition`` and return them with seed and model version."""

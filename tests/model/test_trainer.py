@@ -1,5 +1,11 @@
 """Trainer: schedule, resume equivalence, stage-wise invocation, the baseline variant."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -77,10 +83,22 @@ def test_real_batch_scaling_matches_to_float(root, dataset, tmp_path):
     assert np.array_equal(tr._real_batch(idx, st, 1.0).numpy(), expected)
 
 
-def test_kill_and_resume_equals_uninterrupted(root, dataset, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(root, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)            # bitwise equality needs the same thread count as the resumed runs
+    try:
+        summary = train(tiny(root), dataset.root, out)
+    finally:
+        torch.set_num_threads(before)
+    assert summary["complete"] and summary["kimg"] == pytest.approx(0.4 + 0.8)
+    return out, summary
+
+
+def test_kill_and_resume_equals_uninterrupted(root, dataset, tmp_path, uninterrupted):
     params = tiny(root)
-    full = train(params, dataset.root, tmp_path / "full")
-    assert full["complete"] and full["kimg"] == pytest.approx(0.4 + 0.8)
+    full_dir, full = uninterrupted
     # checkpoints every 2 iterations. Killed twice, each time between checkpoints: at stage 8
     # iteration 3 (resume from 2), then, counting from that resume, at stage 16 iteration 5
     # (resume from 4 of stage 16)
@@ -88,13 +106,13 @@ def test_kill_and_resume_equals_uninterrupted(root, dataset, tmp_path):
         with pytest.raises(Killed):
             train(params, dataset.root, tmp_path / "killed", on_iteration=kill_at(it))
     resumed = train(params, dataset.root, tmp_path / "killed")
-    a, info_a = weights(tmp_path / "full" / "stage_16" / "checkpoint.json")
+    a, info_a = weights(full_dir / "stage_16" / "checkpoint.json")
     b, info_b = weights(tmp_path / "killed" / "stage_16" / "checkpoint.json")
     assert info_a["complete"] and info_b["complete"] and info_a["g_steps"] == info_b["g_steps"] == 15
     assert_same_state(a, b)
     assert resumed["rank_G_ema_sha256"] == full["rank_G_ema_sha256"]
     assert [h[RESOLUTION] for h in info_a["history"]] == [h[RESOLUTION] for h in info_b["history"]]
-    G_full, _ = load_generator(tmp_path / "full" / "G_ema.safetensors")
+    G_full, _ = load_generator(full_dir / "G_ema.safetensors")
     G_res, meta = load_generator(tmp_path / "killed" / "G_ema.safetensors")
     assert meta["classes"] == ["A", "B", "C"] and meta["data_md5"] == "synthetic" and meta["img_resolution"] == 16
     for (k, x), (_, y) in zip(G_full.state_dict().items(), G_res.state_dict().items()):
@@ -103,6 +121,25 @@ def test_kill_and_resume_equals_uninterrupted(root, dataset, tmp_path):
 
     G0, _ = build_networks(params.model, 3, 1, 16, seed=params.seed)       # training moved the weights
     assert not torch.equal(G0.state_dict()["to_rgb.16.weight"], G_res.state_dict()["to_rgb.16.weight"])
+
+
+def test_sigkill_of_a_training_process_then_resume_equals_uninterrupted(root, dataset, tmp_path, uninterrupted):
+    """A real kill (SIGKILL, no clean-up) of `radsynth train` once stage 16 has checkpointed."""
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "radsynth.cli", "train", "--profile", "tiny", "--set", "train.tracking=false",
+           "--dataset", str(dataset.root), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while not (out / "stage_16" / "checkpoint.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (out / "stage_8" / "checkpoint.json").exists()
+    resumed = train(tiny(root), dataset.root, out)
+    assert resumed["complete"] and resumed["rank_G_ema_sha256"] == uninterrupted[1]["rank_G_ema_sha256"]
 
 
 def test_stagewise_invocations_equal_one_call_and_need_the_previous_stage(root, dataset, tmp_path):
