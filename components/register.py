@@ -7,7 +7,8 @@
   ``params_digest``, ``gate``, ``classifier_version``) and points alias ``candidate`` at it.
   The domain classifier ONNX is registered beside it as ``registry.classifier_name``.
 * ``promote``: moves ``champion`` to a version (default: the ``candidate``) only when its
-  gate passed, and says why it refuses otherwise; the classifier's ``champion`` follows.
+  gate passed, and says why it refuses otherwise; the classifier's ``champion`` follows, and so
+  does the encoder's (the newest encoder trained against that exact generator ONNX).
 * ``rollback``: moves ``champion`` back to the previous champion (history kept as JSON in
   the registered model's tag ``registry.history_tag``).
 
@@ -175,6 +176,23 @@ def _set_champion(client, params: Params, mv) -> None:
     clf_version = (mv.tags or {}).get("classifier_version")
     if clf_version:
         client.set_registered_model_alias(reg.classifier_name, reg.champion_alias, clf_version)
+    enc_version = _encoder_for(client, params.web.encoder_name, (mv.tags or {}).get("onnx_sha256", ""))
+    if enc_version:
+        client.set_registered_model_alias(params.web.encoder_name, reg.champion_alias, enc_version)
+
+
+def _encoder_for(client, encoder_name: str, generator_onnx_sha256: str) -> str | None:
+    """The newest encoder version trained against exactly this generator ONNX, if any."""
+    from mlflow.exceptions import MlflowException
+
+    if not generator_onnx_sha256:
+        return None
+    try:
+        versions = client.search_model_versions(f"name='{encoder_name}'")
+    except MlflowException:
+        return None
+    matching = [int(v.version) for v in versions if (v.tags or {}).get("generator_onnx_sha256") == generator_onnx_sha256]
+    return str(max(matching)) if matching else None
 
 
 def promote(params: Params, version: int | None = None) -> dict:

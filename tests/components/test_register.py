@@ -109,3 +109,19 @@ def test_register_refuses_an_evaluation_of_another_generator(registry, tmp_path)
     (tmp_path / "eval" / "evaluate.json").write_text(json.dumps(summary))
     with pytest.raises(rg.RegistryError, match="evaluate the exported generator"):
         rg.register(params, root / "export", tmp_path / "eval")
+
+
+def test_promote_moves_the_encoder_trained_for_that_generator(registry):
+    from mlflow import MlflowClient
+
+    root, params = registry
+    client, enc = rg._client(params), params.web.encoder_name
+    gen_sha = json.loads((root / "export" / "export.json").read_text())["sha256"]
+    versions = {}
+    for label, sha in (("match", gen_sha), ("other", "e" * 64)):  # registered in this order: the newest does not match
+        info = rg._log_onnx(root / "eval-pass" / "classifier.onnx", enc)  # any small ONNX stands in for the encoder file
+        versions[label] = str(info.registered_model_version)
+        client.set_model_version_tag(enc, versions[label], "generator_onnx_sha256", sha)
+    version = rg.register(params, root / "export", root / "eval-pass")["version"]
+    rg.promote(params, version)
+    assert str(client.get_model_version_by_alias(enc, params.registry.champion_alias).version) == versions["match"]
