@@ -1,0 +1,144 @@
+"""The Kubeflow pipeline: ingest -> preprocess -> validate -> train (one task per stage) -> gate -> export -> register.
+
+Task names equal the step names of ``dvc.yaml`` and ``components/`` (the training stages
+are ``train``, ``train-2``, ... with display names ``train-<resolution>``). Each training
+stage is its own task that takes the previous stage's checkpoint as an input artefact, so a
+cluster can give each stage the GPUs it needs and a failed stage resumes from the last one.
+Export and registration run only under ``dsl.If`` on the gate's verdict.
+
+The stage list comes from the params the pipeline is built with, so a pipeline is compiled
+for one profile (``radsynth pipeline compile --profile gpu`` writes the committed IR).
+No ``from __future__ import annotations`` here: KFP reads the pipeline signature's types.
+"""
+
+
+import importlib
+from typing import Any, Callable
+
+from kfp import dsl
+from kfp import kubernetes
+
+from radsynth.config import Params, PipelineConfig
+
+PIPELINE_NAME = "radsynth-pipeline"
+STEPS = ("ingest", "preprocess", "validate", "train", "evaluate", "export", "register")
+MLFLOW_ENV = "MLFLOW_TRACKING_URI"
+
+
+def component(step: str) -> Any:
+    """The KFP component of ``step``: ``components.<step>.<step>_component``.
+
+    Its component name is set to the step name, so the task names in the compiled IR are
+    the step names (the contract with ``dvc.yaml``).
+    """
+    attr = f"{step}_component"
+    try:
+        comp = getattr(importlib.import_module(f"components.{step}"), attr)
+    except (ImportError, AttributeError):
+        comp = getattr(importlib.import_module("pipelines.staged_components"), attr)
+    comp.component_spec.name = step
+    return comp
+
+
+def stage_resolutions(params: Params) -> list[int]:
+    """Resolutions of the progressive stages, lowest first (one training task each).
+
+    Powers of two from ``train.start_resolution`` to ``train.final_resolution`` (0: the
+    dataset's ``data.img_resolution``), the schedule the trainer grows through.
+    """
+    start = int(getattr(params.train, "start_resolution", params.data.min_resolution))
+    final = int(getattr(params.train, "final_resolution", 0)) or params.data.img_resolution
+    res, out = start, []
+    while res <= final:
+        out.append(res)
+        res *= 2
+    return out
+
+
+def _limits(task: dsl.PipelineTask, cpu: str, memory: str, cfg: PipelineConfig) -> None:
+    task.set_cpu_limit(cpu).set_memory_limit(memory)
+    kubernetes.set_image_pull_policy(task, cfg.image_pull_policy)
+    kubernetes.set_timeout(task, cfg.timeout_s)
+
+
+def _tracking(task: dsl.PipelineTask, cfg: PipelineConfig) -> None:
+    if cfg.mlflow_uri:
+        task.set_env_variable(MLFLOW_ENV, cfg.mlflow_uri)
+
+
+def _train_resources(task: dsl.PipelineTask, cfg: PipelineConfig) -> None:
+    _limits(task, cfg.train_cpu, cfg.train_memory, cfg)
+    if cfg.train_gpus > 0:
+        task.set_accelerator_type(cfg.gpu_resource).set_accelerator_limit(cfg.train_gpus)
+    if cfg.gpu_node_selector:
+        key, _, value = cfg.gpu_node_selector.partition("=")
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    if cfg.gpu_toleration:
+        kubernetes.add_toleration(task, key=cfg.gpu_toleration, operator="Exists", effect="NoSchedule")
+    if cfg.shm_size:
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=cfg.shm_size)
+
+
+def build_pipeline(params: Params) -> Callable:
+    """Build ``radsynth_pipeline`` for one resolved config.
+
+    Args:
+        params: the resolved config; its profile becomes the ``profile`` default and its
+            schedule decides the training tasks.
+
+    Returns:
+        The ``@dsl.pipeline`` function (parameters ``profile``, ``overrides``, ``raw_dir``,
+        ``promote``).
+    """
+    cfg = params.pipeline
+    stages = stage_resolutions(params)
+    raw_default = cfg.data_mount if cfg.data_pvc else params.paths.raw
+    ingest_c, preprocess_c, validate_c, train_c, evaluate_c, export_c, register_c = (component(s) for s in STEPS)
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description=f"radsynth: DICOM export to a registered conditional GAN ({params.profile} profile, stages {stages})",
+    )
+    def radsynth_pipeline(
+        profile: str = params.profile,
+        overrides: list = [],
+        raw_dir: str = raw_default,
+        promote: bool = True,
+    ):
+        common = {"profile": profile, "overrides": overrides}
+        ingest = ingest_c(raw_dir=raw_dir, **common)
+        _limits(ingest, cfg.step_cpu, cfg.step_memory, cfg)
+        if cfg.data_pvc:
+            kubernetes.mount_pvc(ingest, pvc_name=cfg.data_pvc, mount_path=cfg.data_mount)
+
+        preprocess = preprocess_c(ingest=ingest.outputs["ingest"], **common)
+        _limits(preprocess, cfg.step_cpu, cfg.step_memory, cfg)
+        dataset = preprocess.outputs["dataset"]
+
+        validate = validate_c(dataset=dataset, **common)
+        _limits(validate, cfg.step_cpu, cfg.step_memory, cfg)
+
+        checkpoint = None
+        for resolution in stages:
+            extra = {"previous": checkpoint} if checkpoint is not None else {}
+            train = train_c(resolution=resolution, dataset=dataset, **extra, **common)
+            train.after(validate)
+            train.set_display_name(f"train-{resolution}")
+            _train_resources(train, cfg)
+            _tracking(train, cfg)
+            checkpoint = train.outputs["checkpoint"]
+
+        evaluate = evaluate_c(dataset=dataset, checkpoint=checkpoint, **common)
+        _limits(evaluate, cfg.train_cpu, cfg.train_memory, cfg)
+        _tracking(evaluate, cfg)
+
+        # The local runner resolves only a component's single `Output` in conditions.
+        with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition, not Python)
+            export = export_c(checkpoint=checkpoint, **common)
+            _limits(export, cfg.step_cpu, cfg.step_memory, cfg)
+            register = register_c(promote=promote, dataset=dataset, checkpoint=checkpoint,
+                                  evaluation=evaluate.outputs["evaluation"], onnx=export.outputs["onnx"], **common)
+            _limits(register, cfg.step_cpu, cfg.step_memory, cfg)
+            _tracking(register, cfg)
+
+    return radsynth_pipeline
