@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -127,7 +128,9 @@ def submit(
         if raw_dir:
             arguments["raw_dir"] = raw_dir
         try:
-            client = kfp.Client(host=host, namespace=cfg.namespace)
+            with warnings.catch_warnings():  # kfp warns about old servers on every client
+                warnings.simplefilter("ignore", FutureWarning)
+                client = kfp.Client(host=host, namespace=cfg.namespace)
             run = client.create_run_from_pipeline_package(
                 str(package),
                 arguments=arguments,

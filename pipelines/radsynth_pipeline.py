@@ -23,6 +23,7 @@ from radsynth.config import Params, PipelineConfig
 PIPELINE_NAME = "radsynth-pipeline"
 STEPS = ("ingest", "preprocess", "validate", "train", "evaluate", "export", "register")
 MLFLOW_ENV = "MLFLOW_TRACKING_URI"
+SALT_KEY = "RADSYNTH_SALT"   # key in the pipeline.salt_secret Secret
 
 
 def component(step: str) -> Any:
@@ -110,6 +111,9 @@ def build_pipeline(params: Params) -> Callable:
         _limits(ingest, cfg.step_cpu, cfg.step_memory, cfg)
         if cfg.data_pvc:
             kubernetes.mount_pvc(ingest, pvc_name=cfg.data_pvc, mount_path=cfg.data_mount)
+        if cfg.salt_secret:
+            kubernetes.use_secret_as_env(ingest, secret_name=cfg.salt_secret,
+                                         secret_key_to_env={SALT_KEY: params.data.salt_env})
 
         preprocess = preprocess_c(ingest=ingest.outputs["ingest"], **common)
         _limits(preprocess, cfg.step_cpu, cfg.step_memory, cfg)

@@ -118,6 +118,7 @@ class PipelineConfig:
     mlflow_uri: str = ""                       # tracking URI inside the cluster; "" -> paths.mlflow_uri
     data_pvc: str = ""                         # PVC holding the DVC-pulled export; "" -> no mount
     data_mount: str = "/mnt/data"              # where data_pvc is mounted in every task
+    salt_secret: str = ""                      # Secret whose key RADSYNTH_SALT feeds ingest's salt ("" -> none)
     train_gpus: int = 0                        # GPUs per training-stage task; 0 -> CPU only
     gpu_resource: str = "nvidia.com/gpu"       # accelerator resource name
     gpu_node_selector: str = ""                # "label=value" that training nodes carry ("" -> any)
