@@ -18,6 +18,9 @@ from radsynth.errors import RadsynthError
 
 # name -> (module, one-line help). Order is the order the data flows.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "ingest": ("components.ingest", "DICOM export + labels (or class folders) -> decoded, de-identified images + quarantine report"),
+    "preprocess": ("components.preprocess", "ingest output -> dataset: progressive levels, patient-level split"),
+    "validate": ("components.validate", "Great Expectations suite over the dataset; exit 1 on a failed expectation"),
     "pipeline": ("pipelines.cli", "the Kubeflow pipeline: compile | run-local | submit --host URL"),
 }
 

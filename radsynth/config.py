@@ -68,16 +68,57 @@ class DataConfig:
     workers: int = 0                           # 0: all cores
     min_class_fraction: float = 0.05           # validation: class-balance lower bound
     max_class_fraction: float = 0.9            # validation: class-balance upper bound
+    folder_patient_regex: str = ""             # source=folders: patient key from the file stem (group 1); "": one patient per image
+    max_image_pixels: int = 67108864           # PNG/JPEG decompression-bomb cap (width x height)
+    pixel_mean_min: float = 0.05               # validation: every image's mean intensity in [0, 1] at least this
+    pixel_mean_max: float = 0.95               # validation: ... and at most this
+    pixel_std_min: float = 0.02                # validation: every image's std at least this (no blank images)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """`model:` networks and variant (owner: model/)."""
 
+    variant: str = "pgcgan-sa"                 # key of model.registry.VARIANTS: pgcgan-sa | dcgan
+    z_dim: int = 128                           # latent size
+    label_dim: int = 32                        # class embedding size joined with z in G
+    fmap_base: int = 4096                      # channels at resolution r: fmap_base // r ...
+    fmap_max: int = 256                        # ... clamped to at most fmap_max ...
+    fmap_min: int = 16                         # ... and at least fmap_min
+    attention_resolutions: tuple[int, ...] = (32,)  # self-attention after these G/D blocks
+    equalized_lr: bool = True                  # PG-GAN equalised learning rate (runtime He scaling)
+    pixel_norm: bool = True                    # PG-GAN pixel-wise feature normalisation in G
+    mbstd_group: int = 4                       # minibatch stddev group size in D (0: off)
+    output: str = "tanh"                       # G output to [-1, 1]: tanh | clamp
+    dcgan_conditioning: str = "projection"     # dcgan D: projection | concat (label map on input)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """`train:` progressive schedule, optimiser, tracking (owner: components/train.py)."""
+
+    start_resolution: int = 4                  # first trained stage (power of two >= 4)
+    final_resolution: int = 0                  # last stage; 0: the dataset's img_resolution
+    kimg_fade: float = 600.0                   # kimg of real images per fade-in phase (alpha 0 -> 1)
+    kimg_stabilize: float = 600.0              # kimg per stabilise phase (alpha 1); first stage: only this
+    batch_size: int = 32                       # default minibatch (global, split over DDP ranks)
+    batch_per_resolution: dict[int, int] = dataclasses.field(default_factory=dict)  # {res: batch} overrides
+    lr_g: float = 1e-4                         # Adam learning rate of G
+    lr_d: float = 1e-4                         # Adam learning rate of D
+    beta1: float = 0.5                         # Adam beta1
+    beta2: float = 0.9                         # Adam beta2
+    n_critic: int = 5                          # D steps per G step
+    gp_lambda: float = 10.0                    # WGAN-GP gradient penalty weight
+    drift_epsilon: float = 1e-3                # weight of mean(D(real)^2), keeps critic scores bounded
+    ema_beta: float = 0.999                    # G_ema <- beta * G_ema + (1 - beta) * G, every G step
+    device: str = "auto"                       # auto | cpu | cuda | cuda:N
+    amp: bool = True                           # bfloat16 autocast on CUDA (ignored on CPU)
+    checkpoint_kimg: float = 50.0              # periodic checkpoint interval (also at every stage end)
+    log_kimg: float = 5.0                      # metrics / progress interval
+    grid_per_class: int = 8                    # fixed-z samples per condition in each stage's grid
+    grid_seed: int = 2024                      # seed of the grid's fixed z (radsynth.latent)
+    tracking: bool = True                      # MLflow tracking (params, metrics, grids, curves)
+    progress: bool = True                      # tqdm progress bar
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,365 @@
+"""Ingest: exact quarantine counts on the sample, no PHI anywhere, bad inputs handled."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from components.ingest import REASONS, IngestError, ingest, load_salt, pseudonym, read_labels
+from radsynth.config import load_params, parse_override
+from radsynth.imaging import decode_image_bytes, dicom_to_array, prepare, read_dicom
+from tests.components.ingest_sample import SAMPLE_RESOLUTION, TEST_SALT, overrides_for, run_cli, sample_run
+from tests.conftest import ROOT
+
+# What the sample export holds (found by reading every header and decoding every image; see
+# the module docstring of components/ingest.py for the reasons):
+EXPECTED_QUARANTINE = {
+    # data/dicom/GZ0647447/A20160077.dcm and GZ8946136/A25893433.dcm: valid headers, but their
+    # 8-bit 128x128 pixel data stops after 4,720 and 4,710 of 16,384 bytes (truncated copies).
+    "unreadable": 2,
+    # GZ9000000/X00000001.dcm is a CT and GZ9000001/X00000002.dcm an MR (no body part):
+    # not chest radiographs (data.allowed_modalities = DX, CR). Neither has a label row either;
+    # a record is quarantined once, for the first reason found.
+    "wrong_modality": 2,
+    # 12 pairs of files carry byte-identical pixel data under two accession numbers of the
+    # same patient (e.g. GZ0171892/A23430624 and A23438543); 4 more files are the same image
+    # re-encoded (12-bit windowed vs 8-bit, MONOCHROME1 vs MONOCHROME2) and decode to the
+    # same pixels; one image (GZ7428250) exists three times. One copy of each is kept:
+    # 11 byte-identical groups x 1 + the triple x 2 + 3 re-encoded pairs x 1 = 16.
+    "duplicate_image": 16,
+    # labels.csv has 5,219 rows; 5,216 name a chest study in the export, 3 name none.
+    "label_without_study": 3,
+}
+# 5,218 files - 2 unreadable - 2 non-chest - 16 duplicates.
+EXPECTED_IMAGES = 5198
+EXPECTED_CLASS_COUNTS = {"NORMAL": 1339, "PNEUMONIA_BACTERIAL": 2516, "PNEUMONIA_VIRAL": 1343}
+# 2,846 chest patients; one of them (GZ0647447) has only the truncated study.
+EXPECTED_PATIENTS = 2845
+
+
+@pytest.fixture(scope="module")
+def run(sample_export):
+    result = sample_run()
+    assert result.codes["ingest"] == 0, result.logs["ingest"]
+    return result
+
+
+def test_sample_quarantine_counts_are_exact(run):
+    report = json.loads((run.artifacts / "ingest" / "quarantine.json").read_text())
+    expected = {reason: EXPECTED_QUARANTINE.get(reason, 0) for reason in REASONS}
+    assert report["counts"] == expected
+    assert report["total"] == sum(EXPECTED_QUARANTINE.values()) == len(report["entries"])
+    entries = report["entries"]
+    assert all(set(e) == {"record", "kind", "reason", "detail"} for e in entries)
+    assert {e["kind"] for e in entries if e["reason"] == "label_without_study"} == {"label_row"}
+    truncated = [e["detail"] for e in entries if e["reason"] == "unreadable"]
+    assert sorted(truncated) == ["pixel data truncated: 4710 of 16384 bytes", "pixel data truncated: 4720 of 16384 bytes"]
+
+
+def test_sample_images_manifest_and_summary(run):
+    out = run.artifacts / "ingest"
+    images = np.load(out / "images.npy")
+    assert images.shape == (EXPECTED_IMAGES, 1, SAMPLE_RESOLUTION, SAMPLE_RESOLUTION) and images.dtype == np.uint8
+    with open(out / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["index", "study", "patient", "label"]
+    assert [int(r["index"]) for r in rows] == list(range(EXPECTED_IMAGES))
+    assert len({r["study"] for r in rows}) == EXPECTED_IMAGES
+    assert len({r["patient"] for r in rows}) == EXPECTED_PATIENTS
+    counts = {c: sum(r["label"] == c for r in rows) for c in EXPECTED_CLASS_COUNTS}
+    assert counts == EXPECTED_CLASS_COUNTS
+    summary = json.loads((out / "ingest.json").read_text())
+    assert summary["classes"] == sorted(EXPECTED_CLASS_COUNTS)  # from the data, not from code
+    assert summary["num_images"] == EXPECTED_IMAGES and summary["workers"] == 2
+    assert (out / "params.yaml").is_file()
+    # The printed run summary carries the counts.
+    for reason, n in EXPECTED_QUARANTINE.items():
+        assert any(line.split() == [reason, str(n)] for line in run.logs["ingest"].splitlines()), run.logs["ingest"]
+
+
+def test_ingested_image_is_exactly_imaging_prepare(run, sample_export):
+    """The web app's path (imaging.prepare on a decoded file) equals the training data."""
+    salt = TEST_SALT.encode()
+    with open(run.artifacts / "ingest" / "manifest.csv", newline="") as fh:
+        index = {r["study"]: int(r["index"]) for r in csv.DictReader(fh)}
+    images = np.load(run.artifacts / "ingest" / "images.npy")
+    # A 12-bit windowed MONOCHROME1 study and an 8-bit MONOCHROME2 one.
+    checked = set()
+    for path in sorted((sample_export / "dicom").rglob("*.dcm")):
+        ds = read_dicom(path)
+        key = (str(ds.PhotometricInterpretation), int(ds.BitsStored))
+        if key in checked or key not in {("MONOCHROME1", 12), ("MONOCHROME2", 8)}:
+            continue
+        study = pseudonym(salt, "study", str(ds.AccessionNumber))
+        if study not in index:
+            continue
+        np.testing.assert_array_equal(images[index[study]], prepare(dicom_to_array(ds), SAMPLE_RESOLUTION))
+        checked.add(key)
+        if len(checked) == 2:
+            break
+    assert len(checked) == 2
+
+
+@functools.cache
+def _identifiers(export: Path) -> frozenset[bytes]:
+    """Every identifying value in the export's headers, plus its file and folder names."""
+    found: set[str] = set()
+    for path in (export / "dicom").rglob("*"):
+        rel = path.relative_to(export / "dicom")
+        found.update({rel.as_posix(), path.stem} if path.is_file() else {path.name})
+        if not path.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        for el in ds.iterall():
+            if el.VR not in ("PN", "DA", "DT", "UI", "LO", "SH", "LT", "ST", "UT") or el.keyword in (
+                "StudyDescription", "SeriesDescription", "SOPClassUID", "ImplementationVersionName"
+            ):
+                continue
+            values = el.value if isinstance(el.value, (list, tuple, pydicom.multival.MultiValue)) else [el.value]
+            for value in values:
+                text = str(value).strip()
+                if el.VR == "UI" and text.startswith("1.2.840.10008."):
+                    continue  # standard UIDs (transfer syntaxes, SOP classes) are not identifying
+                found.add(text)
+                if el.VR == "PN":
+                    found.update(part for part in text.split("^") if len(part) >= 5)
+    return frozenset(v.encode() for v in found if len(v) >= 6)
+
+
+def _find(blob: bytes, needles: set[bytes], k: int = 6) -> set[bytes]:
+    """Which needles (each >= k bytes) occur in blob; vectorised over k-byte windows."""
+    if len(blob) < k:
+        return set()
+    by_prefix: dict[int, list[bytes]] = defaultdict(list)
+    for n in needles:
+        by_prefix[int.from_bytes(n[:k], "little")].append(n)
+    keys = np.array(sorted(by_prefix), dtype=np.uint64)
+    arr = np.frombuffer(blob, dtype=np.uint8)
+    m = len(arr) - k + 1
+    windows = np.zeros(m, dtype=np.uint64)
+    for i in range(k):
+        windows |= arr[i : i + m].astype(np.uint64) << np.uint64(8 * i)
+    hits = np.flatnonzero(np.isin(windows, keys))
+    return {n for h in hits for n in by_prefix[int(windows[h])] if blob.startswith(n, int(h))}
+
+
+def test_no_identifying_value_in_any_output(run, sample_export):
+    needles = _identifiers(sample_export) | {TEST_SALT.encode()}
+    assert len(needles) > 5 * 5218  # names, IDs, dates, accessions, UIDs, institution, ... per file
+    files = [p for p in run.artifacts.rglob("*") if p.is_file()]
+    assert {p.parent.name for p in files} >= {"ingest", "dataset", "validate"} and len(files) >= 15
+    leaks = {}
+    for path in files:
+        found = _find(path.read_bytes(), needles) | _find(str(path.relative_to(run.artifacts)).encode(), needles)
+        if found:
+            leaks[str(path.relative_to(run.artifacts))] = sorted(found)[:3]
+    for step, log in run.logs.items():
+        found = _find(log.encode(), needles)
+        if found:
+            leaks[f"log of {step}"] = sorted(found)[:3]
+    assert not leaks
+
+
+def test_the_phi_scan_can_fail(sample_export):
+    needles = _identifiers(sample_export)
+    one = next(n for n in needles if n.startswith(b"A") and len(n) == 9)  # an accession number
+    assert _find(b"\x00\x01prefix" + one + b"suffix", needles) == {one}
+    assert not _find(b"nothing identifying here", needles)
+
+
+# --- small exports built from real files -------------------------------------------------
+
+
+def _mini_export(tmp_path: Path, sample_export: Path, n: int = 6) -> tuple[Path, list[tuple[Path, str, str]]]:
+    """A copy of the first n sample studies: [(copied path, accession, label)]."""
+    with open(sample_export / "labels.csv", newline="") as fh:
+        labels = {r["accession_number"]: r["label"] for r in csv.DictReader(fh)}
+    dicom = tmp_path / "export" / "dicom"
+    studies = []
+    for path in sorted((sample_export / "dicom").rglob("A*.dcm"))[:n]:
+        accession = str(read_dicom(path, stop_before_pixels=True).AccessionNumber)
+        target = dicom / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+        studies.append((target, accession, labels[accession]))
+    return dicom, studies
+
+
+def _write_labels(path: Path, rows, header=("accession_number", "label")) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        if header:
+            writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _params(tmp_path: Path, dicom: Path, labels: Path, **extra):
+    salt = tmp_path / "salt"
+    salt.write_text(TEST_SALT)
+    sets = overrides_for(tmp_path / "artifacts", salt, **{"data.dicom_dir": str(dicom), "data.labels_csv": str(labels), **extra})
+    return load_params(ROOT / "params.yaml", profile="tiny", overrides=dict(parse_override(s) for s in sets)), sets
+
+
+def test_bad_records_are_quarantined_with_a_reason(tmp_path, sample_export, dicom_fixtures):
+    dicom, studies = _mini_export(tmp_path, sample_export)
+    bad = dicom / "bad"
+    bad.mkdir()
+    (bad / "cut.dcm").write_bytes(studies[2][0].read_bytes()[:-3000])        # truncated pixel data
+    (bad / "report.dcm").write_bytes(b"%PDF-1.4 not an image\n" * 20)        # not DICOM, named .dcm
+    shutil.copy(dicom_fixtures / "MR_abdomen_overlay.dcm", bad / "mr.dcm")    # wrong modality
+    ds = pydicom.dcmread(studies[1][0])                                       # same pixels, new study
+    ds.AccessionNumber = "TWIN0000001"
+    ds.save_as(bad / "twin.dcm")
+    label_rows = [(a, y) for _, a, y in studies[1:]]                          # studies[0]: no label row
+    label_rows += [("TWIN0000001", studies[1][2]), ("NOSUCHSTUDY9", "NORMAL")]  # ... and one without study
+    labels = _write_labels(tmp_path / "labels.csv", label_rows)
+    params, _ = _params(tmp_path, dicom, labels, **{"data.workers": 1})
+    result = ingest(params, progress=False)
+    report = json.loads((result.out_dir / "quarantine.json").read_text())
+    assert {k: v for k, v in report["counts"].items() if v} == {
+        "unreadable": 1, "not_dicom": 1, "wrong_modality": 1, "no_label": 1, "label_without_study": 1, "duplicate_image": 1,
+    }
+    assert result.num_images == len(studies) - 1
+    assert {e["kind"] for e in report["entries"] if e["reason"] == "not_dicom"} == {"file"}
+
+
+def test_unknown_and_implausible_labels_are_quarantined(tmp_path, sample_export):
+    dicom, studies = _mini_export(tmp_path, sample_export, n=4)
+    rows = [(a, y) for _, a, y in studies]
+    rows[1] = (rows[1][0], "CARDIOMEGALY")
+    rows[2] = (rows[2][0], "Smith^John 1970-01-01 !!")
+    labels = _write_labels(tmp_path / "labels.csv", rows)
+    classes = ["NORMAL", "PNEUMONIA_BACTERIAL", "PNEUMONIA_VIRAL"]
+    params, _ = _params(tmp_path, dicom, labels, **{"data.workers": 1, "data.classes": classes})
+    result = ingest(params, progress=False)
+    report = json.loads((result.out_dir / "quarantine.json").read_text())
+    assert report["counts"]["unknown_label"] == 2
+    assert result.num_images == 2 and result.classes == tuple(classes)
+    assert "Smith" not in (result.out_dir / "quarantine.json").read_text()  # an implausible label is not echoed
+
+
+def test_one_and_two_workers_give_identical_outputs(tmp_path, sample_export):
+    dicom, studies = _mini_export(tmp_path, sample_export, n=8)
+    labels = _write_labels(tmp_path / "labels.csv", [(a, y) for _, a, y in studies])
+    outs = []
+    for workers in (1, 2):
+        params, _ = _params(tmp_path, dicom, labels)
+        res = ingest(params, out_dir=tmp_path / f"out{workers}", workers=workers, progress=False)
+        assert res.workers == workers and res.num_images == 8
+        outs.append(res.out_dir)
+    for name in ("images.npy", "manifest.csv", "quarantine.json"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"accession_number,label\n", "no rows"),
+        (b"accession_number,diagnosis\nA1,NORMAL\n", "no column 'label'"),
+        (b"acc,label\nA1,NORMAL\n", "no column 'accession_number'"),
+        (b"\xff\xfe\x00bad", "not UTF-8"),
+    ],
+    ids=["empty", "header-only", "missing-label-column", "missing-accession-column", "not-utf8"],
+)
+def test_malformed_labels_file_is_one_clear_error(tmp_path, sample_export, content, message):
+    dicom, _ = _mini_export(tmp_path, sample_export, n=2)
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(content)
+    _, sets = _params(tmp_path, dicom, labels)
+    code, out = run_cli("ingest", sets)
+    assert code == 2
+    assert message in out and "Traceback" not in out
+    assert out.strip().startswith("radsynth ingest: error:") and len(out.strip().splitlines()) == 1
+
+
+def test_missing_labels_file_and_export_folder_are_clear_errors(tmp_path, sample_export):
+    dicom, _ = _mini_export(tmp_path, sample_export, n=2)
+    params, _ = _params(tmp_path, dicom, tmp_path / "nope.csv")
+    with pytest.raises(IngestError, match="labels file .* not found"):
+        ingest(params, progress=False)
+    params, _ = _params(tmp_path, tmp_path / "nodir", tmp_path / "nope.csv")
+    with pytest.raises(IngestError, match="DICOM folder .* not found"):
+        ingest(params, progress=False)
+
+
+def test_labels_rows_duplicated_or_conflicting(tmp_path):
+    salt = b"x" * 32
+    labels = _write_labels(tmp_path / "l.csv", [("A1", "NORMAL"), ("A1", "NORMAL"), ("A2", "NORMAL"), ("A2", "VIRAL"), ("", "NORMAL")])
+    got = read_labels(labels, salt)
+    assert got.by_study == {pseudonym(salt, "study", "A1"): "NORMAL", pseudonym(salt, "study", "A2"): "NORMAL"}
+    assert got.conflicting == {pseudonym(salt, "study", "A2")}
+    assert sorted(q["reason"] for q in got.quarantine) == ["bad_label_row", "duplicate_label_row"]
+
+
+# --- folders of PNG/JPEG -----------------------------------------------------------------
+
+
+def test_folder_source_reads_classes_from_folder_names(tmp_path, sample_export):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    sources = sorted((sample_export / "dicom").rglob("A*.dcm"))[:6]
+    for i, path in enumerate(sources):
+        img = np.rint(dicom_to_array(read_dicom(path)) * 255).astype(np.uint8)
+        cls = ("healthy", "sick")[i % 2]
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / cls / f"person{i // 2}_img{i}.{'png' if i < 4 else 'jpg'}")
+    (root / "sick" / "notes.png").write_text("this is not an image")        # wrong content
+    Image.fromarray(img).save(root / "stray.png")                           # outside a class folder
+    shutil.copy(root / "healthy" / "person0_img0.png", root / "healthy" / "person0_copy.png")  # duplicate
+    params, _ = _params(tmp_path, tmp_path, tmp_path / "unused.csv",
+                        **{"data.source": "folders", "data.image_dir": str(root), "data.folder_patient_regex": r"^(person\d+)_", "data.workers": 1})
+    result = ingest(params, progress=False)
+    assert result.classes == ("healthy", "sick")
+    assert result.num_images == 6 and result.class_counts == {"healthy": 3, "sick": 3}
+    assert result.num_patients == 3  # person0..person2 from the regex
+    assert result.quarantine == {"not_image": 1, "no_label": 1, "duplicate_image": 1}
+    text = (result.out_dir / "manifest.csv").read_text() + (result.out_dir / "quarantine.json").read_text()
+    assert "person" not in text and "stray" not in text and "notes" not in text and "healthy/" not in text
+
+
+def test_decode_image_bytes_matches_png_content(sample_export):
+    import io
+
+    from PIL import Image
+
+    img = (np.arange(64 * 48, dtype=np.uint32) % 256).astype(np.uint8).reshape(48, 64)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    np.testing.assert_allclose(decode_image_bytes(buf.getvalue()), img / 255.0, atol=1e-7)
+
+
+# --- salt and pseudonyms ----------------------------------------------------------------
+
+
+def test_salt_file_created_once_private_and_env_wins(tmp_path, monkeypatch):
+    params, _ = _params(tmp_path, tmp_path, tmp_path / "l.csv", **{"data.salt_env": "RADSYNTH_TEST_SALT_VAR"})
+    monkeypatch.delenv("RADSYNTH_TEST_SALT_VAR", raising=False)
+    salt_path = Path(params.data.salt_file)
+    salt_path.unlink(missing_ok=True)
+    first = load_salt(params.data)
+    assert salt_path.is_file() and (salt_path.stat().st_mode & 0o077) == 0 and len(first) >= 32
+    assert load_salt(params.data) == first
+    monkeypatch.setenv("RADSYNTH_TEST_SALT_VAR", "from-the-environment-123")
+    assert load_salt(params.data) == b"from-the-environment-123"
+
+
+def test_pseudonyms_are_salted_one_way_and_typed():
+    a = pseudonym(b"salt-one-xxxxxxxxxxxx", "patient", "GZ0000124")
+    assert a == pseudonym(b"salt-one-xxxxxxxxxxxx", "patient", " GZ0000124 ")
+    assert a != pseudonym(b"salt-two-xxxxxxxxxxxx", "patient", "GZ0000124")
+    assert a != pseudonym(b"salt-one-xxxxxxxxxxxx", "study", "GZ0000124")
+    assert len(a) == 20 and int(a, 16) >= 0 and "GZ" not in a
