@@ -45,7 +45,13 @@ def component_image() -> str:
 
 
 def step_component(func: Callable) -> Callable:
-    """Decorator: ``func`` as a KFP component in the project image (see the module docstring)."""
+    """Decorator: ``func`` as a KFP component in the project image (see the module docstring).
+
+    Inside a running task (``_KFP_RUNTIME=true``) kfp exposes only its runtime types; the
+    step module is imported there for its library function, so ``func`` stays plain.
+    """
+    if os.environ.get("_KFP_RUNTIME") == "true":
+        return func
     from kfp import dsl
 
     func.__annotations__ = typing.get_type_hints(func, include_extras=True)

@@ -14,37 +14,6 @@ from pipelines.component import step_component
 
 
 @step_component
-def ingest_component(profile: str, overrides: list, raw_dir: str, ingest: Output[Artifact], metrics: Output[Metrics]):
-    """KFP: decode and de-identify the export under ``raw_dir`` (DICOM + labels or class folders)."""
-    from pipelines.workspace import rebase_raw, step_workspace
-    from radsynth.config import load_params
-
-    data = load_params(profile=profile).data
-    moved = rebase_raw(load_params(profile=profile).paths.raw, raw_dir,
-                       {"data.dicom_dir": data.dicom_dir, "data.labels_csv": data.labels_csv, "data.image_dir": data.image_dir})
-    with step_workspace(profile, overrides, outputs={"ingest": ingest.path}, metrics=metrics, extra_overrides=moved) as ws:
-        ws.check("ingest")
-
-
-@step_component
-def preprocess_component(profile: str, overrides: list, ingest: Input[Artifact], dataset: Output[Dataset], metrics: Output[Metrics]):
-    """KFP: resize to every progressive level and split by patient into the dataset format."""
-    from pipelines.workspace import step_workspace
-
-    with step_workspace(profile, overrides, inputs={"ingest": ingest.path}, outputs={"dataset": dataset.path}, metrics=metrics) as ws:
-        ws.check("preprocess")
-
-
-@step_component
-def validate_component(profile: str, overrides: list, dataset: Input[Dataset], validate: Output[Artifact], metrics: Output[Metrics]):
-    """KFP: Great Expectations checks on the dataset; a failure stops the run."""
-    from pipelines.workspace import step_workspace
-
-    with step_workspace(profile, overrides, inputs={"dataset": dataset.path}, outputs={"validate": validate.path}, metrics=metrics) as ws:
-        ws.check("validate")
-
-
-@step_component
 def train_component(profile: str, overrides: list, resolution: int, dataset: Input[Dataset], checkpoint: Output[Model],
                     metrics: Output[Metrics], previous: Input[Model] = None):
     """KFP: one progressive stage at ``resolution``, resuming from the previous stage's checkpoint."""

@@ -39,6 +39,15 @@ class Workspace:
 
     root: Path                                  # artefacts root the step reads and writes
     cli_args: list[str] = field(default_factory=list)  # --profile/--set flags for `radsynth <step>`
+    profile: str = "cpu"                        # the params profile of the run
+    sets: list[str] = field(default_factory=list)  # every key=value override, paths.artifacts last
+
+    @property
+    def params(self):
+        """The resolved config with this workspace's overrides (``paths.artifacts`` = root)."""
+        from radsynth.config import load_params, parse_override
+
+        return load_params(profile=self.profile, overrides=dict(parse_override(s) for s in self.sets))
 
     def run(self, step: str, *extra: str) -> int:
         """Run ``radsynth <step> <common flags> <extra>`` in this process.
@@ -56,9 +65,9 @@ class Workspace:
         if status != 0:
             raise StepFailed(f"radsynth {step} exited with status {status}; its message is above")
 
-    def read_metrics(self, folder: str) -> dict[str, Any]:
-        """The flat ``metrics.json`` a step wrote in ``folder`` (empty when it wrote none)."""
-        path = self.root / folder / METRICS_FILE
+    def read_metrics(self, folder: str, name: str = METRICS_FILE) -> dict[str, Any]:
+        """The JSON summary (default ``metrics.json``) a step wrote in ``folder`` ({} when none)."""
+        path = self.root / folder / name
         return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -80,6 +89,7 @@ def step_workspace(
     outputs: Mapping[str, str] | None = None,
     metrics: Any = None,
     extra_overrides: Sequence[str] = (),
+    metrics_file: str = METRICS_FILE,
 ) -> Iterator[Workspace]:
     """Lay out an artefacts root for one step and publish its outputs afterwards.
 
@@ -91,9 +101,10 @@ def step_workspace(
         outputs: artefact folder name -> output artefact path; the produced folder is
             copied there when the body succeeds. A folder in both ``inputs`` and
             ``outputs`` is copied in (not linked) so the upstream artefact stays untouched.
-        metrics: a KFP ``Output[Metrics]``; the numeric values of the first output
-            folder's ``metrics.json`` are logged on it.
+        metrics: a KFP ``Output[Metrics]``; the top-level numeric values of the first
+            output folder's ``metrics_file`` are logged on it.
         extra_overrides: more ``key=value`` strings set by the component itself.
+        metrics_file: the JSON file (in the first output folder) whose numbers are logged.
 
     Yields:
         The :class:`Workspace`.
@@ -116,7 +127,7 @@ def step_workspace(
         args = ["--profile", profile]
         for item in sets:
             args += ["--set", item]
-        ws = Workspace(root=root, cli_args=args)
+        ws = Workspace(root=root, cli_args=args, profile=profile, sets=sets)
         yield ws
         for name, dst in outputs.items():
             produced = root / name
@@ -124,7 +135,7 @@ def step_workspace(
                 raise RadsynthError(f"step produced no {name}/ folder under {root}")
             _copy(produced, Path(dst))
         if metrics is not None and outputs:
-            log_metrics(metrics, ws.read_metrics(next(iter(outputs))))
+            log_metrics(metrics, ws.read_metrics(next(iter(outputs)), metrics_file))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -143,6 +154,16 @@ def log_metrics(metrics: Any, values: Mapping[str, Any]) -> int:
             metrics.log_metric(key, float(value))
             n += 1
     return n
+
+
+def raw_overrides(profile: str, overrides: Sequence[str] | None, raw_dir: str) -> list[str]:
+    """Overrides that point the configured export paths at ``raw_dir`` (see :func:`rebase_raw`)."""
+    from radsynth.config import load_params, parse_override
+
+    params = load_params(profile=profile, overrides=dict(parse_override(s) for s in overrides_from(overrides)))
+    data = params.data
+    return rebase_raw(params.paths.raw, raw_dir, {"data.dicom_dir": data.dicom_dir, "data.labels_csv": data.labels_csv,
+                                                  "data.image_dir": data.image_dir})
 
 
 def rebase_raw(params_raw: str, raw_dir: str, configured: Mapping[str, str]) -> list[str]:
