@@ -59,7 +59,9 @@ test: $(STAMPS)/venv $(STAMPS)/sysdeps $(STAMPS)/data
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMPS)/venv $(STAMPS)/data
-	$(BIN)/radsynth --help
+	$(BIN)/radsynth ingest --profile $(PROFILE)
+	$(BIN)/radsynth preprocess --profile $(PROFILE)
+	$(BIN)/radsynth validate --profile $(PROFILE)
 
 clean:
 	rm -rf artifacts mlruns $(STAMPS)
