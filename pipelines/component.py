@@ -21,7 +21,7 @@ import typing
 from pathlib import Path
 from typing import Callable
 
-from radsynth.config import DEFAULT_PARAMS, PARAMS_ENV, PipelineConfig, load_params
+from radsynth.config import DEFAULT_PARAMS, PARAMS_ENV, ConfigError, PipelineConfig, load_params
 
 IMAGE_ENV = "RADSYNTH_IMAGE"
 _PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -39,8 +39,12 @@ def component_image() -> str:
         return override
     for candidate in (os.environ.get(PARAMS_ENV), DEFAULT_PARAMS, _PROJECT_PARAMS):
         if candidate and Path(candidate).is_file():
-            # The image does not depend on the profile: read the base section.
-            return image_ref(load_params(candidate).pipeline)
+            try:
+                return image_ref(load_params(candidate).pipeline)
+            except ConfigError:
+                # Importing a step module must not fail on a params problem: its own run
+                # reports it clearly, and build_pipeline sets the image from the params it compiles.
+                break
     return image_ref(PipelineConfig())
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from kfp import dsl
 from kfp import kubernetes
 
+from pipelines.component import image_ref
 from radsynth.config import Params, PipelineConfig
 
 PIPELINE_NAME = "radsynth-pipeline"
@@ -26,11 +27,12 @@ MLFLOW_ENV = "MLFLOW_TRACKING_URI"
 SALT_KEY = "RADSYNTH_SALT"   # key in the pipeline.salt_secret Secret
 
 
-def component(step: str) -> Any:
+def component(step: str, image: str | None = None) -> Any:
     """The KFP component of ``step``: ``components.<step>.<step>_component``.
 
     Its component name is set to the step name, so the task names in the compiled IR are
-    the step names (the contract with ``dvc.yaml``).
+    the step names (the contract with ``dvc.yaml``); ``image`` (``name:tag``) replaces the
+    base image it was declared with.
     """
     attr = f"{step}_component"
     try:
@@ -38,6 +40,8 @@ def component(step: str) -> Any:
     except (ImportError, AttributeError):
         comp = getattr(importlib.import_module("pipelines.staged_components"), attr)
     comp.component_spec.name = step
+    if image:
+        comp.component_spec.implementation.container.image = image
     return comp
 
 
@@ -94,7 +98,8 @@ def build_pipeline(params: Params) -> Callable:
     cfg = params.pipeline
     stages = stage_resolutions(params)
     raw_default = cfg.data_mount if cfg.data_pvc else params.paths.raw
-    ingest_c, preprocess_c, validate_c, train_c, evaluate_c, export_c, register_c = (component(s) for s in STEPS)
+    image = image_ref(cfg)
+    ingest_c, preprocess_c, validate_c, train_c, evaluate_c, export_c, register_c = (component(s, image) for s in STEPS)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,

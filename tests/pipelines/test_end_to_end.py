@@ -66,7 +66,8 @@ def make_dvc_project(tmp: Path, export: Path) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["profile"] = "tiny"
     params["paths"]["mlflow_uri"] = f"sqlite:///{proj}/mlruns/mlflow.db"
-    params["eval"]["cache_dir"] = str(tmp / "cache")
+    if "cache_dir" in params.get("eval", {}):
+        params["eval"]["cache_dir"] = str(tmp / "cache")
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "--no-scm", "-q"], cwd=proj, check=True)
     return proj
