@@ -145,8 +145,8 @@ def build_pipeline(params: Params) -> Callable:
         with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition, not Python)
             export = export_c(checkpoint=checkpoint, **common)
             _limits(export, cfg.step_cpu, cfg.step_memory, cfg)
-            register = register_c(promote=promote, dataset=dataset, checkpoint=checkpoint,
-                                  evaluation=evaluate.outputs["evaluation"], onnx=export.outputs["onnx"], **common)
+            register = register_c(promote=promote, evaluation=evaluate.outputs["evaluation"],
+                                  onnx=export.outputs["onnx"], **common)
             _limits(register, cfg.step_cpu, cfg.step_memory, cfg)
             _tracking(register, cfg)
 

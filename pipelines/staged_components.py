@@ -16,50 +16,51 @@ from pipelines.component import step_component
 @step_component
 def train_component(profile: str, overrides: list, resolution: int, dataset: Input[Dataset], checkpoint: Output[Model],
                     metrics: Output[Metrics], previous: Input[Model] = None):
-    """KFP: one progressive stage at ``resolution``, resuming from the previous stage's checkpoint."""
-    from pipelines.workspace import step_workspace
+    """KFP: one progressive stage at ``resolution``, resuming from the ``previous`` stage's checkpoint."""
+    from components.train import train
+    from pipelines.workspace import log_metrics, step_workspace
 
     inputs = {"dataset": dataset.path, "train": previous.path if previous else None}
-    with step_workspace(profile, overrides, inputs=inputs, outputs={"train": checkpoint.path}, metrics=metrics) as ws:
-        ws.check("train", "--stage", str(resolution))
+    with step_workspace(profile, overrides, inputs=inputs, outputs={"train": checkpoint.path}) as ws:
+        summary = train(ws.params, ws.root / "dataset", ws.root / "train", stage=resolution)
+        log_metrics(metrics, {"kimg": summary.get("kimg"), "seconds": summary.get("seconds"), **(summary.get("last") or {})})
 
 
 @step_component
 def evaluate_component(profile: str, overrides: list, dataset: Input[Dataset], checkpoint: Input[Model],
                        evaluation: Output[Artifact], metrics: Output[Metrics]) -> bool:
-    """KFP: metrics and the gate; returns the verdict (the pipeline branches on it with dsl.If)."""
-    from pipelines.workspace import StepFailed, step_workspace
-    from radsynth.metric_keys import GATE_PASSED
+    """KFP: metrics and the gate on the last stage's ``G_ema``; returns the verdict for ``dsl.If``."""
+    from components.evaluate import evaluate
+    from pipelines.workspace import step_workspace
 
     with step_workspace(profile, overrides, inputs={"dataset": dataset.path, "train": checkpoint.path},
                         outputs={"evaluate": evaluation.path}, metrics=metrics) as ws:
-        status = ws.run("evaluate")
-        verdict = ws.read_metrics("evaluate").get(GATE_PASSED)
-        if verdict is None:  # no verdict written: the evaluation itself failed
-            raise StepFailed(f"radsynth evaluate exited with status {status} and wrote no {GATE_PASSED}")
-    return bool(verdict == 1.0)
+        result = evaluate(ws.params, progress=True)
+        print(result.gate.summary())
+    return bool(result.passed)
 
 
 @step_component
 def export_component(profile: str, overrides: list, checkpoint: Input[Model], onnx: Output[Model], metrics: Output[Metrics]):
-    """KFP: G_ema to ONNX with a parity check; the file's sha256 is in export.json."""
-    from pipelines.workspace import step_workspace
+    """KFP: ``G_ema`` to ONNX with the parity check; ``export.json`` carries the sha256."""
+    from components.export import export
+    from pipelines.workspace import log_metrics, step_workspace
 
-    with step_workspace(profile, overrides, inputs={"train": checkpoint.path}, outputs={"export": onnx.path}, metrics=metrics) as ws:
-        ws.check("export")
+    with step_workspace(profile, overrides, inputs={"train": checkpoint.path}, outputs={"export": onnx.path}) as ws:
+        record = export(ws.params)
+        log_metrics(metrics, record.get("parity") or {})
 
 
 @step_component
-def register_component(profile: str, overrides: list, promote: bool, dataset: Input[Dataset], checkpoint: Input[Model],
-                       evaluation: Input[Artifact], onnx: Input[Model]) -> str:
-    """KFP: register the ONNX generator in MLflow as ``candidate``; ``promote`` moves ``champion`` to it."""
+def register_component(profile: str, overrides: list, promote: bool, evaluation: Input[Artifact], onnx: Input[Model]) -> str:
+    """KFP: register the ONNX generator as ``candidate``; with ``promote``, move ``champion`` to it."""
+    from components.register import promote as promote_version
+    from components.register import register
     from pipelines.workspace import step_workspace
-    from radsynth.io import read_json
 
-    inputs = {"dataset": dataset.path, "train": checkpoint.path, "evaluate": evaluation.path, "export": onnx.path}
-    with step_workspace(profile, overrides, inputs=inputs) as ws:
-        ws.check("register")
-        version = str(read_json(ws.root / "register" / "register.json")["version"])
+    with step_workspace(profile, overrides, inputs={"evaluate": evaluation.path, "export": onnx.path}) as ws:
+        record = register(ws.params)
+        print(f"registered {record['model']} version {record['version']} (@{record['alias']}, gate {record['gate']})")
         if promote:
-            ws.check("promote", "--version", version)
-    return version
+            promote_version(ws.params, int(record["version"]))
+    return str(record["version"])
