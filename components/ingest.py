@@ -230,6 +230,23 @@ def _finish(img01: np.ndarray) -> tuple[np.ndarray, str]:
 
 
 def _process_dicom(task: tuple[int, str, str]) -> dict:
+    return _guarded(_process_dicom_unsafe, task)
+
+
+def _process_image(task: tuple[int, str, str]) -> dict:
+    return _guarded(_process_image_unsafe, task)
+
+
+def _guarded(worker, task: tuple[int, str, str]) -> dict:
+    """A record never stops the run: anything unexpected becomes an ``unreadable`` entry."""
+    try:
+        return worker(task)
+    except Exception as exc:  # a codec or parser bug on one odd file
+        record = pseudonym(_CTX["salt"], "file", task[2])
+        return {"ok": False, **_entry(record, "file", "unreadable", f"unexpected {type(exc).__name__} while decoding"), "study_hint": None}
+
+
+def _process_dicom_unsafe(task: tuple[int, str, str]) -> dict:
     from radsynth.imaging import ImageError, dicom_to_array, read_dicom
 
     _, path, rel = task
@@ -266,7 +283,7 @@ def _process_dicom(task: tuple[int, str, str]) -> dict:
     return {"ok": True, "record": record, "kind": "study", "patient": pseudonym(salt, "patient", patient_id), "image": image, "digest": digest, **base}
 
 
-def _process_image(task: tuple[int, str, str]) -> dict:
+def _process_image_unsafe(task: tuple[int, str, str]) -> dict:
     from radsynth.imaging import ImageError, decode_image_bytes
 
     _, path, rel = task
@@ -373,7 +390,6 @@ def ingest(params: Params, out_dir: str | os.PathLike | None = None, workers: in
         raise IngestError(f"no usable image among {len(tasks)} files; see {out_dir / 'quarantine.json'} for the reasons")
 
     images = np.stack([r["image"] for r in kept])  # [N, C, R, R]
-    seconds = time.perf_counter() - start
     counts = Counter(q["reason"] for q in quarantine)
     class_counts = {c: sum(r["label"] == c for r in kept) for c in class_names}
     summary = {
@@ -414,10 +430,12 @@ def _run_workers(worker, tasks, ctx, n_workers, progress, tqdm) -> list[dict]:
     results: list[dict] = []
     try:
         if n_workers == 1:
-            _init_worker(ctx)
-            for task in tasks:
-                results.append(worker(task))
-                bar.update()
+            with warnings.catch_warnings():
+                _init_worker(ctx)
+                for task in tasks:
+                    results.append(worker(task))
+                    bar.update()
+            _CTX.clear()  # the salt does not outlive the run in this process
         else:
             chunk = max(1, min(64, len(tasks) // (n_workers * 8)))
             with mp.get_context().Pool(n_workers, initializer=_init_worker, initargs=(ctx,)) as pool:

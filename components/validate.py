@@ -59,7 +59,10 @@ def dataset_tables(dataset_dir: str | os.PathLike) -> dict:
 
     ds = load_dataset(dataset_dir)
     full = np.load(Path(dataset_dir) / f"images_{ds.img_resolution}.npy", mmap_mode="r")  # [N, C, R, R]
-    flat = np.asarray(full, dtype=np.float32).reshape(len(ds), -1) / 255.0 if len(ds) else np.zeros((0, 1), np.float32)
+    stats = np.zeros((len(ds), 4), dtype=np.float64)  # [N, (mean, std, min, max)] in [0, 1]
+    for start in range(0, len(ds), 1024):  # bounded memory: 1024 images at a time
+        flat = np.asarray(full[start : start + 1024], dtype=np.float32).reshape(-1, int(np.prod(full.shape[1:]))) / 255.0
+        stats[start : start + 1024] = np.stack([flat.mean(1), flat.std(1), flat.min(1), flat.max(1)], axis=1)
     with open(Path(dataset_dir) / "manifest.csv", newline="") as fh:
         manifest_columns = next(csv.reader(fh))
     images = pd.DataFrame(
@@ -72,10 +75,10 @@ def dataset_tables(dataset_dir: str | os.PathLike) -> dict:
             "height": full.shape[2],
             "width": full.shape[3],
             "dtype": str(full.dtype),
-            "pixel_mean": flat.mean(axis=1),
-            "pixel_std": flat.std(axis=1),
-            "pixel_min": flat.min(axis=1),
-            "pixel_max": flat.max(axis=1),
+            "pixel_mean": stats[:, 0],
+            "pixel_std": stats[:, 1],
+            "pixel_min": stats[:, 2],
+            "pixel_max": stats[:, 3],
         }
     )
     level_rows = []

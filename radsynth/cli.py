@@ -21,6 +21,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("components.ingest", "DICOM export + labels (or class folders) -> decoded, de-identified images + quarantine report"),
     "preprocess": ("components.preprocess", "ingest output -> dataset: progressive levels, patient-level split"),
     "validate": ("components.validate", "Great Expectations suite over the dataset; exit 1 on a failed expectation"),
+    "train": ("components.train", "train the conditional GAN (all stages, or one with --stage); resumes from checkpoints"),
+    "evaluate": ("components.evaluate", "metrics of G_ema (FID/KID, SSIM, memorisation, ...) and the gate; exits 1 when it fails"),
+    "export": ("components.export", "export G_ema to ONNX, check it and verify ONNX Runtime parity"),
+    "register": ("components.register", "register the exported generator in MLflow as @candidate"),
+    "promote": ("components.register", "move @champion to a version whose gate passed (default: @candidate)"),
+    "rollback": ("components.register", "move @champion back to the previous champion"),
+    "serve": ("serving.server", "build the Triton model repository (registry alias or local ONNX) and run tritonserver"),
+    "generate": ("serving.generate", "generate images from a running server as PNG or synthetic DICOM; --check verifies it"),
     "pipeline": ("pipelines.cli", "the Kubeflow pipeline: compile | run-local | submit --host URL"),
 }
 

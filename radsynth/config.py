@@ -125,20 +125,79 @@ class TrainConfig:
 class EvalConfig:
     """`eval:` metrics and the gate thresholds (owner: components/evaluate.py)."""
 
+    samples_per_class: int = 256               # generated images per condition
+    seed: int = 2026                           # latent seed of the evaluation samples (z_from_seed)
+    batch_size: int = 64                       # generator / feature-extractor batch
+    inception_weights: str = ""                # pt_inception-2015-12-05 file; "": $TORCH_HOME/hub/checkpoints
+    kid_subsets: int = 50                      # KID: number of subsets
+    kid_subset_size: int = 100                 # KID: subset size (clipped to the smaller sample)
+    prc_neighborhood: int = 3                  # k of the k-NN precision/recall
+    diversity_pairs: int = 64                  # random pairs per condition for MS-SSIM diversity
+    classifier_steps: int = 400                # domain classifier (and TSTR) optimiser steps
+    classifier_width: int = 32                 # channels of the classifier's first conv
+    classifier_lr: float = 0.002               # Adam learning rate
+    classifier_batch: int = 64                 # classifier training batch
+    tstr_steps: int = 200                      # TSTR / TRTR classifiers: optimiser steps (same recipe otherwise)
+    memorisation_percentile: float = 1.0       # test-to-train percentile used as "too close"
+    cache_dir: str = "artifacts/cache"         # real-image features + classifier, per data version
+    gate_min_cond_acc: float = 0.5             # per condition: classifier accuracy on generated
+    gate_max_fid_ratio: float = 10.0           # per condition: fid_domain <= ratio * max(ref, floor)
+    gate_fid_floor: float = 1.0                # floor of the real-vs-real reference in that ratio
+    gate_max_diversity: float = 0.9            # per condition: MS-SSIM among generated (collapse)
+    gate_min_recall: float = 0.0               # per condition: k-NN recall (0 disables)
+    gate_max_memorisation: float = 0.05        # memorisation share (pixel and feature space)
+    enforce: bool = True                       # CLI exits non-zero when the gate fails
+
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """`export:` ONNX export (owner: components/export.py)."""
+
+    opset: int = 17                            # pinned ONNX opset
+    dynamo: bool = False                       # torch.onnx.export exporter (False: TorchScript-based)
+    parity_atol: float = 1e-4                  # max |PyTorch - ONNX Runtime| for the same z
+    parity_batch: int = 4                      # images per condition in the parity check
+    parity_seed: int = 0                       # z_from_seed seed of the parity check
 
 
 @dataclasses.dataclass(frozen=True)
 class RegistryConfig:
     """`registry:` MLflow registry names and aliases (owner: components/register.py)."""
 
+    model_name: str = "radsynth-generator"     # registered generator model
+    classifier_name: str = "radsynth-classifier"  # registered domain classifier
+    candidate_alias: str = "candidate"         # set on every new version
+    champion_alias: str = "champion"           # what serving resolves; moved only through the gate
+    history_tag: str = "champion_history"      # model tag: JSON list of past champion versions
+
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
     """`serve:` Triton model repository, server, client (owner: serving/)."""
+
+    model_name: str = "radsynth-generator"     # the generator's name in the registry and in Triton
+    models: tuple[str, ...] = ("radsynth-generator",)  # every model served (e.g. + radsynth-encoder)
+    onnx: dict[str, str] = dataclasses.field(default_factory=dict)  # model -> local ONNX file (skips the registry)
+    aliases: tuple[str, ...] = ("champion",)   # registry aliases served; one version folder each
+    repository: str = "artifacts/serve/model_repository"  # Triton model repository (built here)
+    flavour: str = "cpu"                       # cpu: python backend + onnxruntime | gpu: onnxruntime_onnx, KIND_GPU
+    max_batch_size: int = 64                   # largest batch one execution takes
+    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)  # dynamic batcher's targets
+    max_queue_delay_us: int = 2000             # how long a request may wait to be batched
+    instance_count: int = 1                    # model instances (per GPU on the gpu flavour)
+    intra_op_threads: int = 0                  # onnxruntime threads per instance (0: its default)
+    host: str = "127.0.0.1"                    # address the server binds (0.0.0.0 in a container)
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002                   # Prometheus /metrics
+    ready_timeout_s: float = 120.0             # `radsynth serve` waits this long for readiness
+    log_verbose: int = 0                       # tritonserver --log-verbose
+    url: str = ""                              # client target host:port; empty: host + the protocol's port
+    protocol: str = "grpc"                     # client protocol: grpc | http
+    timeout_s: float = 30.0                    # client per-request timeout
+    retries: int = 3                           # client retries on transient errors (unavailable, timeout)
+    backoff_s: float = 0.2                     # first retry delay; doubles each retry
+    max_images_per_call: int = 64              # client refuses larger n (also capped by max_batch_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -316,6 +316,25 @@ def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an uploaded file of unknown kind: DICOM (``DICM`` at byte 128), PNG or JPEG.
+
+    Returns:
+        float32 ``[H, W]`` in [0, 1], ready for :func:`prepare`.
+
+    Raises:
+        ImageError: as :func:`read_dicom` / :func:`dicom_to_array` / :func:`decode_image_bytes`.
+    """
+    data = bytes(data)
+    if data[128:132] == b"DICM":
+        ds = read_dicom(data)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if rows * cols > max_pixels:
+            raise ImageError(f"image is {cols}x{rows} pixels, above the limit of {max_pixels}", "too_large")
+        return dicom_to_array(ds)
+    return decode_image_bytes(data, max_pixels=max_pixels)
+
+
 # --------------------------------------------------------------------------------------
 # Training preprocessing
 # --------------------------------------------------------------------------------------

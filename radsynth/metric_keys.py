@@ -20,6 +20,9 @@ REAL_ACC = "real_acc"                    # the same classifier on real test imag
 TSTR_ACC = "tstr_acc"                    # train-synthetic-test-real accuracy
 TRTR_ACC = "trtr_acc"                    # train-real-test-real accuracy (same classifier recipe)
 MEMORISATION_SHARE = "memorisation_share"  # share of generated images closer to a training image than the test set's 1st percentile
+MEMORISATION_SHARE_FEATURE = "memorisation_share_feature"  # the same in the domain feature space
+NN_TRAIN_DIST_PIXEL = "nn_train_dist_pixel"      # median distance (per-pixel RMS) of a generated image to its nearest training image
+NN_TRAIN_DIST_FEATURE = "nn_train_dist_feature"  # the same in the domain feature space
 GATE_PASSED = "gate_passed"              # 1.0 when every check passed
 
 REF_SUFFIX = "_ref"

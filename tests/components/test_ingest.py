@@ -363,3 +363,15 @@ def test_pseudonyms_are_salted_one_way_and_typed():
     assert a != pseudonym(b"salt-two-xxxxxxxxxxxx", "patient", "GZ0000124")
     assert a != pseudonym(b"salt-one-xxxxxxxxxxxx", "study", "GZ0000124")
     assert len(a) == 20 and int(a, 16) >= 0 and "GZ" not in a
+
+
+def test_an_unexpected_decoder_failure_is_a_quarantine_entry_not_a_crash():
+    from components import ingest as ingest_module
+
+    def boom(task):
+        raise KeyError("GZ0000124")  # the message may carry header values: it must not be echoed
+
+    ingest_module._init_worker({"salt": b"s" * 32})
+    res = ingest_module._guarded(boom, (0, "/x/GZ0000124/A1.dcm", "GZ0000124/A1.dcm"))
+    assert res["ok"] is False and res["reason"] == "unreadable" and res["kind"] == "file"
+    assert "GZ0000124" not in json.dumps(res)

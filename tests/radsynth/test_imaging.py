@@ -14,6 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from radsynth.imaging import (
     ImageError,
     decode_image_bytes,
+    decode_upload,
     dicom_to_array,
     downsample_levels,
     prepare,
@@ -234,3 +235,13 @@ def test_downsample_levels_are_exact_block_means():
     expected = images.reshape(3, 1, 4, 4, 4, 4).astype(np.float64).mean(axis=(3, 5))
     np.testing.assert_array_equal(levels[4], np.rint(expected).astype(np.uint8))
     assert levels[8].shape == (3, 1, 8, 8) and levels[8].dtype == np.uint8
+
+
+def test_decode_upload_detects_the_kind_by_content(dx):
+    buf = io.BytesIO()
+    dx.save_as(buf)
+    np.testing.assert_array_equal(decode_upload(buf.getvalue()), dicom_to_array(dx))
+    png = _encode(dx.pixel_array, "PNG")
+    np.testing.assert_allclose(decode_upload(png), dicom_to_array(dx), atol=1e-7)
+    with pytest.raises(ImageError, match="above the limit"):
+        decode_upload(buf.getvalue(), max_pixels=100)

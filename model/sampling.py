@@ -1,0 +1,71 @@
+"""Sampling helpers: seeded images from a generator, and per-condition grids."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from radsynth.dataset import to_uint8
+from radsynth.io import atomic_path
+from radsynth.latent import z_from_seed
+
+
+@torch.no_grad()
+def generate(G: nn.Module, classes: Sequence[int] | torch.Tensor, seed: int, batch: int = 64) -> torch.Tensor:
+    """Images for ``classes`` with z from :func:`radsynth.latent.z_from_seed` (``seed``).
+
+    Returns:
+        float32 [N, C, R, R] in [-1, 1] on the CPU.
+    """
+    device = next(G.parameters()).device
+    c = torch.as_tensor(classes, dtype=torch.int64)
+    z = torch.from_numpy(z_from_seed(seed, len(c), G.z_dim))
+    out = [G(z[i:i + batch].to(device), c[i:i + batch].to(device)).float().cpu() for i in range(0, len(c), batch)]
+    return torch.cat(out) if out else torch.empty(0, G.img_channels, G.resolution, G.resolution)
+
+
+@torch.no_grad()
+def class_grid(G: nn.Module, num_classes: int, per_class: int, seed: int) -> np.ndarray:
+    """One row per condition, the same ``per_class`` latents in every row.
+
+    Returns:
+        uint8 [num_classes * R, per_class * R, C] (a grid image, 1 px gaps not drawn).
+    """
+    device = next(G.parameters()).device
+    z = torch.from_numpy(z_from_seed(seed, per_class, G.z_dim)).to(device)            # [P, z_dim]
+    rows = []
+    for k in range(num_classes):
+        c = torch.full((per_class,), k, dtype=torch.int64, device=device)
+        imgs = to_uint8(G(z, c).float().cpu().numpy())                                # [P, C, R, R]
+        rows.append(np.concatenate(list(imgs.transpose(0, 2, 3, 1)), axis=1))        # [R, P*R, C]
+    return np.concatenate(rows, axis=0)
+
+
+def save_grid_png(path: str | os.PathLike, grid: np.ndarray, row_labels: Sequence[str] = ()) -> Path:
+    """Write a grid (uint8 [H, W, C]) as PNG, with optional row labels on the left."""
+    from PIL import Image, ImageDraw
+
+    if grid.shape[2] == 1:
+        img = Image.fromarray(grid[:, :, 0], mode="L")
+    else:
+        img = Image.fromarray(grid[:, :, :3])
+    scale = max(1, 256 // max(1, grid.shape[0] // max(1, len(row_labels) or 1)))
+    img = img.resize((img.width * min(scale, 8), img.height * min(scale, 8)), Image.NEAREST)
+    if row_labels:
+        pad = 8 + 7 * max(len(s) for s in row_labels)
+        canvas = Image.new(img.mode, (img.width + pad, img.height), 0 if img.mode == "L" else (0, 0, 0))
+        canvas.paste(img, (pad, 0))
+        draw = ImageDraw.Draw(canvas)
+        row_h = img.height / len(row_labels)
+        for i, label in enumerate(row_labels):
+            draw.text((4, int(i * row_h + row_h / 2 - 5)), label, fill=255 if img.mode == "L" else (255, 255, 255))
+        img = canvas
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return path

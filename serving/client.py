@@ -1,0 +1,389 @@
+"""Thin Triton client for the radsynth generator: numpy + tritonclient only.
+
+The latent ``z`` is drawn on the client with :func:`radsynth.latent.z_from_seed` (numpy
+PCG64), so PyTorch, ONNX Runtime and Triton give the same image for the same seed and
+condition. The class names travel with the model (Triton config parameter ``classes``);
+nothing here hard-codes them.
+
+Python use::
+
+    from serving.client import Client
+    with Client("127.0.0.1:8001") as client:            # gRPC; protocol="http" for HTTP
+        images = client.generate("PNEUMONIA", n=4, seed=7)  # uint8 [4, H, W, C]
+        print(client.info.classes)
+
+    from serving.client import generate                 # one-shot convenience
+    images = generate("NORMAL", n=1, seed=3, url="127.0.0.1:8001")
+
+Errors (all :class:`ClientError`, a ``RadsynthError``): :class:`ServerUnavailableError`,
+:class:`ModelNotReadyError`, :class:`UnknownConditionError`, :class:`TooManyImagesError`,
+:class:`InvalidInputError`. Transient failures (unavailable, deadline exceeded, overload)
+are retried with exponential backoff first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from radsynth.errors import RadsynthError
+from radsynth.latent import new_seed, z_from_seed
+
+DEFAULT_MODEL = "radsynth-generator"
+DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
+_TRANSIENT = {
+    "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
+    "StatusCode.ABORTED", "429", "502", "503", "504",
+}
+
+
+class ClientError(RadsynthError):
+    """A request to the radsynth Triton server failed; the message says what to do."""
+
+
+class ServerUnavailableError(ClientError):
+    """The server cannot be reached (down, wrong address, or still starting)."""
+
+
+class ModelNotReadyError(ClientError):
+    """The server is up but the model is not loaded / ready."""
+
+
+class UnknownConditionError(ClientError, ValueError):
+    """The condition is not one of the model's classes."""
+
+
+class TooManyImagesError(ClientError, ValueError):
+    """More images were asked for in one call than the client or model allows."""
+
+
+class InvalidInputError(ClientError, ValueError):
+    """Tensors of the wrong shape or type (caught on the client or refused by the server)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the served model says about itself (from its Triton config)."""
+
+    name: str
+    version: str                               # registry version served (config parameter)
+    classes: tuple[str, ...]
+    z_dim: int
+    img_resolution: int
+    img_channels: int
+    max_batch_size: int
+    parameters: dict[str, str]                 # every config parameter (onnx_sha256, origin, ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One ``generate`` call's result with what is needed to reproduce it."""
+
+    images: np.ndarray                         # uint8 [n, H, W, C]
+    seed: int
+    condition: str
+    model_name: str
+    model_version: str
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """``[N, C, H, W]`` float in [-1, 1] -> ``[N, H, W, C]`` uint8 (round half to even)."""
+    scaled = np.rint((np.asarray(images, dtype=np.float32) + 1.0) * 127.5)  # [N, C, H, W]
+    return np.clip(scaled, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)    # [N, H, W, C]
+
+
+def _status(exc: Exception) -> str:
+    status = getattr(exc, "status", None)
+    return str(status() if callable(status) else status or "")
+
+
+def _message(exc: Exception) -> str:
+    msg = getattr(exc, "message", None)
+    text = msg() if callable(msg) else (msg or str(exc))
+    text = str(text).strip()
+    return text.splitlines()[0].split(" NOTE: ")[0] if text else type(exc).__name__
+
+
+def _is_transient(exc: Exception) -> bool:
+    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
+        return True
+    status = _status(exc)
+    text = _message(exc).lower()
+    return status in _TRANSIENT or "failed to connect" in text or "connection refused" in text
+
+
+class Client:
+    """A connection to one generator on one Triton server.
+
+    Args:
+        url: ``host:port``; default 127.0.0.1 and the protocol's default port.
+        protocol: ``grpc`` (default) or ``http``.
+        model_name: Triton model name.
+        model_version: "" for the server's newest served version, or a number.
+        timeout_s: per-request timeout (seconds).
+        retries: retries on transient errors (0: try once).
+        backoff_s: first retry delay; doubles each retry.
+        max_images_per_call: refuse larger ``n`` (also capped by the model's max batch).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        model_name: str = DEFAULT_MODEL,
+        model_version: str = "",
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        max_images_per_call: int = 64,
+    ):
+        if protocol not in DEFAULT_PORTS:
+            raise ClientError(f"protocol {protocol!r}: use grpc or http")
+        self.protocol = protocol
+        self.url = url or f"127.0.0.1:{DEFAULT_PORTS[protocol]}"
+        self.model_name = model_name
+        self.model_version = str(model_version)
+        self.timeout_s = float(timeout_s)
+        self.retries = max(int(retries), 0)
+        self.backoff_s = float(backoff_s)
+        self.max_images_per_call = int(max_images_per_call)
+        if protocol == "grpc":
+            import tritonclient.grpc as tc
+        else:
+            import tritonclient.http as tc
+        self._tc = tc
+        if protocol == "grpc":
+            self._client = tc.InferenceServerClient(self.url)
+        else:
+            self._client = tc.InferenceServerClient(
+                self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s, concurrency=8
+            )
+        self._info: ModelInfo | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, url: str | None = None, protocol: str | None = None) -> "Client":
+        """A client from ``params.serve`` (a ``ServeConfig``; only its attributes are read)."""
+        protocol = protocol or cfg.protocol
+        if not url:
+            host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+            url = cfg.url or f"{host}:{cfg.grpc_port if protocol == 'grpc' else cfg.http_port}"
+        return cls(url, protocol, cfg.model_name, "", cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.max_images_per_call)
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _timeout_kw(self) -> dict[str, float]:
+        return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` with retries on transient errors; map the final failure to a ClientError."""
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except ClientError:
+                raise
+            except Exception as exc:  # tritonclient raises its own type, grpc/gevent raise OSError subclasses
+                if not _is_transient(exc):
+                    raise self._translate(what, exc) from None
+                if attempt == self.retries:
+                    raise ServerUnavailableError(
+                        f"Triton at {self.url} ({self.protocol}) did not answer {what} after {self.retries + 1} attempts "
+                        f"({_message(exc)}); is it running? start it with `radsynth serve`, or check serve.url/--url"
+                    ) from None
+                time.sleep(delay)
+                delay *= 2
+
+    def _translate(self, what: str, exc: Exception) -> ClientError:
+        status, text = _status(exc), _message(exc)
+        if status in ("StatusCode.INVALID_ARGUMENT", "400") or "unexpected shape" in text or "expected" in text:
+            return InvalidInputError(f"{self.model_name}: the server refused {what}: {text}")
+        if "unknown model" in text.lower() or "not found" in text.lower() or "is not ready" in text.lower() or "unavailable" in text.lower():
+            return ModelNotReadyError(f"{self.model_name}: {text}; models on {self.url}: {self._index_summary()}")
+        return ClientError(f"{self.model_name} at {self.url}: {what} failed: {text}")
+
+    def _index_summary(self) -> str:
+        try:
+            index = self._client.get_model_repository_index(**({"as_json": True} if self.protocol == "grpc" else {}))
+            models = index.get("models", []) if isinstance(index, dict) else index
+            return ", ".join(f"{m.get('name')} v{m.get('version', '?')} {m.get('state', '?')}" for m in models) or "none"
+        except Exception:  # the index is a hint only
+            return "unknown"
+
+    # -- model info -------------------------------------------------------------------
+
+    @property
+    def info(self) -> ModelInfo:
+        """The served model's classes, sizes and parameters (fetched once; see :meth:`refresh`)."""
+        if self._info is None:
+            self._info = self._fetch_info()
+        return self._info
+
+    def refresh(self) -> ModelInfo:
+        """Re-read the model's config (after the server reloaded another version)."""
+        self._info = None
+        return self.info
+
+    def _fetch_info(self) -> ModelInfo:
+        self._call("a liveness check", lambda: self._client.is_server_live(**self._timeout_kw()))
+        ready = self._call("a readiness check", lambda: self._client.is_model_ready(self.model_name, self.model_version, **self._timeout_kw()))
+        if not ready:
+            raise ModelNotReadyError(
+                f"model {self.model_name!r} (version {self.model_version or 'newest'}) is not ready on {self.url}; "
+                f"models there: {self._index_summary()}. Check the server log (`radsynth serve`)"
+            )
+        if self.protocol == "grpc":
+            config = self._call("the model config", lambda: self._client.get_model_config(self.model_name, self.model_version, as_json=True, **self._timeout_kw()))["config"]
+        else:
+            config = self._call("the model config", lambda: self._client.get_model_config(self.model_name, self.model_version))
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        missing = [k for k in ("classes", "z_dim", "img_resolution", "img_channels") if k not in params]
+        if missing:
+            raise ClientError(f"model {self.model_name!r} on {self.url} lacks config parameters {missing}; rebuild the repository with `radsynth serve`")
+        return ModelInfo(
+            name=self.model_name,
+            version=params.get("registry_version", self.model_version or "?"),
+            classes=tuple(json.loads(params["classes"])),
+            z_dim=int(params["z_dim"]),
+            img_resolution=int(params["img_resolution"]),
+            img_channels=int(params["img_channels"]),
+            max_batch_size=int(config.get("max_batch_size", 0)),
+            parameters=params,
+        )
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.info.classes
+
+    def class_index(self, condition: str) -> int:
+        """Index of a condition name; :class:`UnknownConditionError` lists the valid ones."""
+        classes = self.info.classes
+        if condition not in classes:
+            raise UnknownConditionError(f"unknown condition {condition!r}; valid conditions: {', '.join(classes)}")
+        return classes.index(condition)
+
+    # -- inference --------------------------------------------------------------------
+
+    def infer(self, z: np.ndarray, class_index: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Run the generator on explicit inputs.
+
+        Args:
+            z: float32 ``[N, z_dim]``.
+            class_index: int ``[N]`` class indices.
+
+        Returns:
+            float32 ``[N, C, H, W]`` in [-1, 1].
+        """
+        info = self.info
+        z = np.asarray(z)
+        labels = np.asarray(class_index)
+        if z.ndim != 2 or z.shape[1] != info.z_dim:
+            raise InvalidInputError(f"z must be [N, {info.z_dim}] (z_dim of {self.model_name} v{info.version}), got {list(z.shape)}")
+        if labels.ndim != 1 or labels.shape[0] != z.shape[0]:
+            raise InvalidInputError(f"class must be [N] with N = {z.shape[0]} (rows of z), got {list(labels.shape)}")
+        if not np.issubdtype(labels.dtype, np.integer) or (labels.size and (labels.min() < 0 or labels.max() >= len(info.classes))):
+            raise InvalidInputError(f"class indices must be integers in [0, {len(info.classes)}), got {labels.tolist()[:8]}")
+        limit = min(self.max_images_per_call, info.max_batch_size or self.max_images_per_call)
+        if z.shape[0] > limit or z.shape[0] < 1:
+            raise TooManyImagesError(f"{z.shape[0]} images in one call; allowed 1..{limit} (split the request or raise serve.max_images_per_call)")
+        return self._infer_raw(z.astype(np.float32, copy=False), labels.astype(np.int64).reshape(-1, 1))
+
+    def _infer_raw(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Send tensors as they are (no client-side checks): ``z`` [N, D], ``class`` [N, 1]."""
+        tc = self._tc
+        z_in = tc.InferInput("z", list(z.shape), "FP32")
+        z_in.set_data_from_numpy(z)
+        c_in = tc.InferInput("class", list(labels.shape), "INT64")
+        c_in.set_data_from_numpy(labels)
+        out = [tc.InferRequestedOutput("image")]
+        result = self._call(
+            "an inference request",
+            lambda: self._client.infer(self.model_name, [z_in, c_in], model_version=self.model_version, outputs=out, **self._timeout_kw()),
+        )
+        return result.as_numpy("image")  # [N, C, H, W]
+
+    def sample(self, condition: str, n: int = 1, seed: int | None = None) -> Sample:
+        """Generate ``n`` images of ``condition`` and return them with seed and model version."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InvalidInputError(f"n must be a positive integer, got {n!r}")
+        limit = min(self.max_images_per_call, self.info.max_batch_size or self.max_images_per_call)
+        if n > limit:
+            raise TooManyImagesError(f"n={n} images in one call; at most {limit} (call again with another seed, or raise serve.max_images_per_call)")
+        index = self.class_index(condition)
+        seed = new_seed() if seed is None else seed
+        try:
+            z = z_from_seed(seed, int(n), self.info.z_dim)  # [n, z_dim]
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
+        images = self.infer(z, np.full(int(n), index, dtype=np.int64))  # [n, C, H, W]
+        return Sample(to_uint8(images), int(seed), condition, self.model_name, self.info.version)
+
+    def generate(self, condition: str, n: int = 1, seed: int | None = None) -> np.ndarray:
+        """``n`` uint8 images ``[n, H, W, C]`` of ``condition``; same seed, same images."""
+        return self.sample(condition, n, seed).images
+
+    def statistics(self) -> dict[str, int]:
+        """Server-side counters for this model: ``inference_count`` (images) and
+        ``execution_count`` (batched model executions), summed over versions."""
+        if self.protocol == "grpc":
+            stats = self._call("statistics", lambda: self._client.get_inference_statistics(self.model_name, as_json=True, **self._timeout_kw()))
+        else:
+            stats = self._call("statistics", lambda: self._client.get_inference_statistics(self.model_name))
+        total = {"inference_count": 0, "execution_count": 0}
+        for entry in stats.get("model_stats", []):
+            for key in total:
+                total[key] += int(entry.get(key, 0))
+        return total
+
+    # -- self-check -------------------------------------------------------------------
+
+    def check(self, seed: int = 7, n: int = 2) -> list[tuple[str, bool, str]]:
+        """Verify a live server: shapes, dtype, value range, determinism, seed sensitivity.
+
+        Returns:
+            ``(check name, passed, detail)`` per check.
+        """
+        info = self.info
+        results: list[tuple[str, bool, str]] = []
+        expected = (n, info.img_resolution, info.img_resolution, info.img_channels)
+        z = z_from_seed(seed, n, info.z_dim)
+        for index, name in enumerate(info.classes):
+            raw = self.infer(z, np.full(n, index))
+            images = to_uint8(raw)
+            results.append((f"{name}: shape", images.shape == expected, f"{images.shape} (expected {expected})"))
+            results.append((f"{name}: dtype", images.dtype == np.uint8 and raw.dtype == np.float32, f"{raw.dtype} -> {images.dtype}"))
+            finite = bool(np.isfinite(raw).all())
+            in_range = finite and float(raw.min()) >= -1.0 - 1e-4 and float(raw.max()) <= 1.0 + 1e-4
+            results.append((f"{name}: range", in_range, f"[{np.nanmin(raw):.4f}, {np.nanmax(raw):.4f}] within [-1, 1], finite={finite}"))
+            again = self.infer(z, np.full(n, index))
+            diff = float(np.abs(again - raw).max())
+            results.append((f"{name}: deterministic", diff <= 1e-5, f"max |diff| {diff:.2e} for seed {seed} twice"))
+        other = self.infer(z_from_seed(seed + 1, n, info.z_dim), np.zeros(n, dtype=np.int64))
+        first = self.infer(z, np.zeros(n, dtype=np.int64))
+        moved = float(np.abs(other - first).max())
+        results.append(("seeds differ", moved > 1e-3, f"max |diff| {moved:.3f} between seeds {seed} and {seed + 1}"))
+        return results
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:  # closing a broken channel is not an error worth raising
+            pass
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def generate(condition: str, n: int = 1, seed: int | None = None, **client_kwargs: Any) -> np.ndarray:
+    """One-shot: connect, generate ``n`` uint8 images ``[n, H, W, C]``, close.
+
+    ``client_kwargs`` go to :class:`Client` (``url``, ``protocol``, ``timeout_s``, ...).
+    """
+    with Client(**client_kwargs) as client:
+        return client.generate(condition, n, seed)

@@ -1,0 +1,101 @@
+"""MLflow registry on a temporary SQLite store: candidate, gated promotion, rollback, resolve by alias."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from components import evaluate as ev
+from components import export as ex
+from components import register as rg
+from radsynth.cli import main
+from tests.components.evaldata import CLASSES, eval_params, make_dataset, save_tiny_generator, synth_images
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path_factory.mktemp("registry")
+    params = eval_params(root)
+    dataset = make_dataset(root / "artifacts" / "dataset")
+    gen = save_tiny_generator(root / "G_ema.safetensors", seed=7)
+    ex.export(params, gen, root / "export")
+    labels = np.repeat(np.arange(len(CLASSES)), params.eval.samples_per_class)
+    passed = ev.evaluate_images(synth_images(labels, 16, seed=11), labels, dataset.root, params, root / "eval-pass")
+    noise = np.random.default_rng(0).integers(0, 256, (len(labels), 1, 16, 16)).astype(np.uint8)
+    failed = ev.evaluate_images(noise, labels, dataset.root, params, root / "eval-fail")
+    assert passed.passed and not failed.passed
+    yield root, params
+    mp.undo()
+
+
+def test_register_promote_rollback(registry, capsys):
+    root, params = registry
+    name = params.registry.model_name
+    v1 = rg.register(params, root / "export", root / "eval-fail")
+    assert (v1["version"], v1["gate"], v1["alias"]) == (1, "failed", "candidate")
+
+    version, path, tags = rg.resolve_alias(params, "candidate")
+    assert version == 1 and path.name == "model.onnx"
+    for key in ("onnx_sha256", "classes", "z_dim", "img_resolution", "img_channels", "variant", "git_commit",
+                "data_md5", "params_digest", "gate", "classifier_version", "run_id"):
+        assert tags[key], key
+    assert json.loads(tags["classes"]) == list(CLASSES) and tags["data_md5"] == "test-md5"
+    assert tags["onnx_sha256"] == json.loads((root / "export" / "export.json").read_text())["sha256"]
+
+    with pytest.raises(rg.RegistryError, match=r"refusing to promote .* v1 .*gate failed.*failed checks: "):
+        rg.promote(params)
+    with pytest.raises(rg.RegistryError, match="does not exist"):
+        rg.resolve_alias(params, "champion")
+
+    v2 = rg.register(params, root / "export", root / "eval-pass")["version"]
+    assert rg.promote(params)["champion"] == v2 == 2
+    v3 = rg.register(params, root / "export", root / "eval-pass")["version"]
+    assert rg.resolve_alias(params, "candidate")[0] == v3 == 3
+    assert rg.promote(params, v3) == {"model": name, "champion": 3, "previous": 2, "changed": True}
+    assert rg.promote(params, v3)["changed"] is False
+
+    clf_version, clf_path, clf_tags = rg.resolve_alias(params, "champion", params.registry.classifier_name)
+    assert clf_path.name == "model.onnx" and str(clf_version) == rg.resolve_alias(params, "champion")[2]["classifier_version"]
+
+    assert rg.rollback(params) == {"model": name, "champion": 2, "rolled_back_from": 3}
+    assert rg.resolve_alias(params, "champion")[0] == 2
+    with pytest.raises(rg.RegistryError, match="no previous"):
+        rg.rollback(params)
+
+    # The CLI says why it refuses, in one line, and exits non-zero.
+    flags = ["--profile", "tiny", "--set", f"paths.mlflow_uri={params.paths.mlflow_uri}",
+             "--set", f"paths.mlflow_artifacts={params.paths.mlflow_artifacts}", "--set", f"paths.artifacts={params.paths.artifacts}"]
+    assert main(["promote", *flags, "--version", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to promote" in err and "Traceback" not in err
+    assert main(["promote", *flags, "--version", "3"]) == 0
+    assert "-> v3 (was v2)" in capsys.readouterr().out
+    assert main(["rollback", *flags]) == 0
+    assert rg.resolve_alias(params, "champion")[0] == 2
+
+
+def test_resolve_refuses_a_corrupt_artefact(registry):
+    from mlflow import MlflowClient
+
+    root, params = registry
+    version = rg.register(params, root / "export", root / "eval-pass")["version"]
+    MlflowClient().set_model_version_tag(params.registry.model_name, str(version), "onnx_sha256", "0" * 64)
+    with pytest.raises(rg.RegistryError, match="sha256"):
+        rg.resolve_alias(params, "candidate", dst_dir=root / "dl")
+
+
+def test_register_refuses_an_export_that_changed(registry, tmp_path):
+    root, params = registry
+    shutil.copytree(root / "export", tmp_path / "export")
+    with open(tmp_path / "export" / "generator.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(rg.RegistryError, match="differs from export.json"):
+        rg.register(params, tmp_path / "export", root / "eval-pass")

@@ -1,0 +1,147 @@
+"""Trainer: schedule, resume equivalence, stage-wise invocation, the baseline variant."""
+
+import numpy as np
+import pytest
+import torch
+
+from components.train import train
+from model.checkpoint import load_generator, load_state
+from model.trainer import RESOLUTION, TrainingError, build_schedule
+from radsynth.config import TrainConfig, load_params
+from radsynth.dataset import to_float
+from tests.model.datasets import make_dataset
+
+OFF = {"train.tracking": False, "train.progress": False}
+
+
+def tiny(root, **overrides):
+    return load_params(root / "params.yaml", profile="tiny", overrides={**OFF, **overrides})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("ds") / "dataset")
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at(global_iteration):
+    count = {"n": 0}
+
+    def hook(trainer):
+        count["n"] += 1
+        if count["n"] == global_iteration:
+            raise Killed
+
+    return hook
+
+
+def weights(path):
+    state, info = load_state(path)
+    return state, info
+
+
+def assert_same_state(a, b):
+    for net in ("G", "D", "G_ema"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k}"
+    for opt in ("opt_G", "opt_D"):
+        for i, s in a[opt]["state"].items():
+            for k, v in s.items():
+                assert torch.equal(v, b[opt]["state"][i][k]), f"{opt}.{i}.{k}"
+    assert all(torch.equal(x, y) for x, y in zip(a["rng"], b["rng"]))
+
+
+def test_schedule_iterations_alpha_and_baseline_budget():
+    cfg = TrainConfig(start_resolution=8, kimg_fade=0.4, kimg_stabilize=0.8, batch_size=16, batch_per_resolution={16: 8}, n_critic=5)
+    prog = build_schedule(cfg, 16, progressive=True)
+    assert [(s.resolution, s.batch, s.fade_iters, s.stabilize_iters) for s in prog] == [(8, 16, 0, 10), (16, 8, 10, 20)]
+    assert [prog[1].alpha(i) for i in (0, 5, 9, 10, 29)] == [0.0, 0.5, 0.9, 1.0, 1.0]
+    assert prog[0].alpha(0) == 1.0
+    base = build_schedule(cfg, 16, progressive=False)
+    assert len(base) == 1 and base[0].resolution == 16 and base[0].fade_iters == 0
+    assert base[0].kimg == pytest.approx(0.8 + 0.4 + 0.8)           # same budget as the progressive run
+    with pytest.raises(TrainingError, match="start_resolution"):
+        build_schedule(TrainConfig(start_resolution=32), 16, progressive=True)
+
+
+def test_real_batch_scaling_matches_to_float(root, dataset, tmp_path):
+    from model.trainer import Trainer
+
+    tr = Trainer(tiny(root), dataset, tmp_path)
+    idx = torch.tensor([0, 3, 5])
+    st = tr.schedule[1]
+    expected = to_float(dataset.images(16, split="train")[[0, 3, 5]])
+    assert np.array_equal(tr._real_batch(idx, st, 1.0).numpy(), expected)
+
+
+def test_kill_and_resume_equals_uninterrupted(root, dataset, tmp_path):
+    params = tiny(root)
+    full = train(params, dataset.root, tmp_path / "full")
+    assert full["complete"] and full["kimg"] == pytest.approx(0.4 + 0.8)
+    # checkpoints every 2 iterations. Killed twice, each time between checkpoints: at stage 8
+    # iteration 3 (resume from 2), then, counting from that resume, at stage 16 iteration 5
+    # (resume from 4 of stage 16)
+    for it in (3, 8):
+        with pytest.raises(Killed):
+            train(params, dataset.root, tmp_path / "killed", on_iteration=kill_at(it))
+    resumed = train(params, dataset.root, tmp_path / "killed")
+    a, info_a = weights(tmp_path / "full" / "stage_16" / "checkpoint.json")
+    b, info_b = weights(tmp_path / "killed" / "stage_16" / "checkpoint.json")
+    assert info_a["complete"] and info_b["complete"] and info_a["g_steps"] == info_b["g_steps"] == 15
+    assert_same_state(a, b)
+    assert resumed["rank_G_ema_sha256"] == full["rank_G_ema_sha256"]
+    assert [h[RESOLUTION] for h in info_a["history"]] == [h[RESOLUTION] for h in info_b["history"]]
+    G_full, _ = load_generator(tmp_path / "full" / "G_ema.safetensors")
+    G_res, meta = load_generator(tmp_path / "killed" / "G_ema.safetensors")
+    assert meta["classes"] == ["A", "B", "C"] and meta["data_md5"] == "synthetic" and meta["img_resolution"] == 16
+    for (k, x), (_, y) in zip(G_full.state_dict().items(), G_res.state_dict().items()):
+        assert torch.equal(x, y), k
+    from model.registry import build_networks
+
+    G0, _ = build_networks(params.model, 3, 1, 16, seed=params.seed)       # training moved the weights
+    assert not torch.equal(G0.state_dict()["to_rgb.16.weight"], G_res.state_dict()["to_rgb.16.weight"])
+
+
+def test_stagewise_invocations_equal_one_call_and_need_the_previous_stage(root, dataset, tmp_path):
+    params = tiny(root)
+    with pytest.raises(TrainingError, match="run `radsynth train --stage 8` first"):
+        train(params, dataset.root, tmp_path / "staged", stage=16)
+    s8 = train(params, dataset.root, tmp_path / "staged", stage=8)
+    assert not s8["complete"] and "G_ema" not in s8 and (tmp_path / "staged" / "stage_8" / "grid_8.png").is_file()
+    s16 = train(params, dataset.root, tmp_path / "staged", stage=16)
+    assert s16["complete"] and (tmp_path / "staged" / "G_ema.safetensors").is_file()
+    whole = train(params, dataset.root, tmp_path / "whole")
+    assert s16["rank_G_ema_sha256"] == whole["rank_G_ema_sha256"]
+    again = train(params, dataset.root, tmp_path / "whole")                     # finished: nothing retrained
+    assert [s.get("skipped") for s in again["stages"]] == ["already complete"] * 2
+    assert again["rank_G_ema_sha256"] == whole["rank_G_ema_sha256"]
+    with pytest.raises(TrainingError, match="different model/train config"):
+        train(tiny(root, **{"train.lr_g": 3e-4}), dataset.root, tmp_path / "whole")
+    with pytest.raises(TrainingError, match="not in this run's schedule"):
+        train(params, dataset.root, tmp_path / "whole", stage=32)
+
+
+def test_switching_variant_trains_the_baseline_through_the_same_entry_point(root, dataset, tmp_path):
+    params = tiny(root, **{"model.variant": "dcgan"})
+    out = train(params, dataset.root, tmp_path / "dcgan")
+    assert out["variant"] == "dcgan" and out["complete"]
+    assert [s["resolution"] for s in out["schedule"]] == [16]
+    assert out["kimg"] == pytest.approx(1.2, abs=0.1)                  # same budget as pgcgan-sa's 1.2 kimg
+    G, meta = load_generator(tmp_path / "dcgan" / "G_ema.safetensors")
+    assert meta["variant"] == "dcgan" and type(G).__name__ == "DCGANGenerator"
+    z, c = torch.randn(4, G.z_dim), torch.tensor([0, 1, 2, 0])
+    x = G(z, c)
+    assert x.shape == (4, 1, 16, 16) and x.abs().max() <= 1
+    from model.registry import build_networks
+
+    G0, _ = build_networks(params.model, 3, 1, 16, seed=params.seed)
+    assert not torch.equal(G0.to_rgb.weight, G.to_rgb.weight)           # it trained
+
+
+def test_missing_levels_is_a_clear_error(root, tmp_path):
+    ds = make_dataset(tmp_path / "ds8", res=8)
+    with pytest.raises(TrainingError, match="lacks levels"):
+        train(tiny(root), ds.root, tmp_path / "out")
