@@ -34,12 +34,8 @@ def component(step: str, image: str | None = None) -> Any:
     the step names (the contract with ``dvc.yaml``); ``image`` (``name:tag``) replaces the
     base image it was declared with.
     """
-    attr = f"{step}_component"
-    try:
-        comp = getattr(importlib.import_module(f"components.{step}"), attr)
-    except (ImportError, AttributeError):
-        comp = getattr(importlib.import_module("pipelines.staged_components"), attr)
-    comp.component_spec.name = step
+    comp = getattr(importlib.import_module(f"components.{step}"), f"{step}_component")
+    comp.component_spec.name = comp.name = step
     if image:
         comp.component_spec.implementation.container.image = image
     return comp
@@ -48,16 +44,15 @@ def component(step: str, image: str | None = None) -> Any:
 def stage_resolutions(params: Params) -> list[int]:
     """Resolutions of the progressive stages, lowest first (one training task each).
 
-    Powers of two from ``train.start_resolution`` to ``train.final_resolution`` (0: the
-    dataset's ``data.img_resolution``), the schedule the trainer grows through.
+    The trainer's own schedule: powers of two from ``train.start_resolution`` to
+    ``train.final_resolution`` (0: ``data.img_resolution``) for a progressive variant, one
+    full-resolution stage for a non-progressive one (``dcgan``).
     """
-    start = int(getattr(params.train, "start_resolution", params.data.min_resolution))
-    final = int(getattr(params.train, "final_resolution", 0)) or params.data.img_resolution
-    res, out = start, []
-    while res <= final:
-        out.append(res)
-        res *= 2
-    return out
+    from model.registry import get_variant
+    from model.trainer import build_schedule
+
+    final = params.train.final_resolution or params.data.img_resolution
+    return [st.resolution for st in build_schedule(params.train, final, get_variant(params.model.variant).progressive)]
 
 
 def _limits(task: dsl.PipelineTask, cpu: str, memory: str, cfg: PipelineConfig) -> None:
