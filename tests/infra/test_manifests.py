@@ -114,15 +114,35 @@ def test_pytorchjob_runs_radsynth_train_under_torchrun():
         # the GPU count per pod equals the processes per node
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == nproc
         # the arguments after the module are a valid `radsynth train` command line
-        from radsynth.cli import COMMANDS, build_parser
-        import importlib
-
-        assert "train" in COMMANDS, "radsynth train is not registered in radsynth/cli.py"
-        parser, subparsers = build_parser()
-        importlib.import_module(COMMANDS["train"][0]).add_arguments(subparsers["train"])
-        parsed = parser.parse_args(args[2:])
+        parsed = parse_radsynth(args[2:])
         assert parsed.command == "train" and parsed.profile == "gpu"
-        load_params(ROOT / "params.yaml", profile=parsed.profile, overrides=dict(s.split("=", 1) for s in parsed.set))
+
+
+def parse_radsynth(argv: list[str]):
+    """Parse a radsynth command line with the real CLI (its command's own flags included)."""
+    import importlib
+
+    from radsynth.cli import COMMANDS, build_parser
+
+    assert argv[0] in COMMANDS, f"radsynth {argv[0]} is not a registered command"
+    parser, subparsers = build_parser()
+    importlib.import_module(COMMANDS[argv[0]][0]).add_arguments(subparsers[argv[0]])
+    parsed = parser.parse_args(argv)
+    load_params(ROOT / "params.yaml", profile=parsed.profile,
+                overrides=dict(s.split("=", 1) for s in (parsed.set or [])))
+    return parsed
+
+
+def test_triton_init_container_builds_the_gpu_repository_with_the_cli():
+    deploy = docs("triton.yaml")[0]
+    (init,) = deploy["spec"]["template"]["spec"]["initContainers"]
+    assert init["command"] == ["radsynth"]
+    parsed = parse_radsynth(init["args"])
+    assert parsed.command == "serve" and parsed.build_only and parsed.flavour == "gpu"
+    mount = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}["models"]
+    assert parsed.repository == mount
+    (triton,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert f"--model-repository={mount}" in triton["args"]
 
 
 def test_images_match_params():
