@@ -1,0 +1,36 @@
+"""MLflow tracking of a tiny run: params, provenance, metrics over kimg, grids, curves."""
+
+import pytest
+
+from components.train import train
+from model.trainer import GRADIENT_PENALTY, IMAGES_PER_S, LOSS_D, LOSS_G, WASSERSTEIN
+from radsynth.config import load_params
+from tests.model.datasets import make_dataset
+
+
+def test_tiny_run_is_tracked_in_mlflow(root, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ds = make_dataset(tmp_path / "ds")
+    params = load_params(root / "params.yaml", profile="tiny", overrides={
+        "train.tracking": True, "train.progress": False,
+        "paths.mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db", "paths.mlflow_artifacts": str(tmp_path / "mlartifacts"),
+    })
+    out = train(params, ds.root, tmp_path / "train", stage=8)
+    run_id = out["mlflow_run_id"]
+    assert run_id
+    out16 = train(params, ds.root, tmp_path / "train", stage=16)            # the next stage continues the same run
+    assert out16["mlflow_run_id"] == run_id
+    client = mlflow.tracking.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.variant"] == "pgcgan-sa" and run.data.params["train.n_critic"] == "5"
+    for tag in ("git_commit", "data_md5", "params_digest"):
+        assert run.data.tags.get(tag)
+    for key in (LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, IMAGES_PER_S):
+        history = client.get_metric_history(run_id, key)
+        assert len(history) >= 4, key
+    steps = [m.step for m in client.get_metric_history(run_id, WASSERSTEIN)]
+    assert steps == sorted(steps) and steps[-1] == 1200                     # step = images shown (1.2 kimg)
+    arts = {a.path for folder in ("grids", "plots") for a in client.list_artifacts(run_id, folder)}
+    assert arts == {"grids/grid_8.png", "grids/grid_16.png", "plots/curves.png"}
