@@ -37,6 +37,13 @@ def small_export(tmp_path_factory, sample_export) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def eval_cache(tmp_path_factory) -> Path:
+    """One evaluation cache (domain classifier, real features) for the end-to-end tests:
+    they evaluate on the same slice and split, so the second reuses what the first computed."""
+    return tmp_path_factory.mktemp("eval-cache")
+
+
 def step_env(tmp: Path) -> dict[str, str]:
     """Environment for step subprocesses: this checkout first on the path, a fixed salt."""
     bin_dir = str(Path(sys.executable).parent)

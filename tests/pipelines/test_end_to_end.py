@@ -39,10 +39,10 @@ def alias_version(tracking_uri: str, alias: str, name: str = "radsynth-generator
 
 
 @pytest.mark.slow
-def test_kfp_local_run_registers_and_promotes(tmp_path, small_export):
+def test_kfp_local_run_registers_and_promotes(tmp_path, small_export, eval_cache):
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     sets = [f"paths.mlflow_uri={uri}", f"paths.mlflow_artifacts={tmp_path}/mlruns/artifacts",
-            f"eval.cache_dir={tmp_path}/cache", *(f"{k}={v}" for k, v in {**FAST, **PERMISSIVE_GATE}.items())]
+            f"eval.cache_dir={eval_cache}", *(f"{k}={v}" for k, v in {**FAST, **PERMISSIVE_GATE}.items())]
     argv = [sys.executable, "-m", "radsynth.cli", "pipeline", "run-local", "--profile", "tiny",
             "--raw-dir", str(small_export), "--pipeline-root", str(tmp_path / "kfp")]
     for s in sets:
@@ -63,7 +63,7 @@ def test_kfp_local_run_registers_and_promotes(tmp_path, small_export):
     assert alias_version(uri, "champion") == "1"
 
 
-def make_dvc_project(tmp: Path, export: Path) -> Path:
+def make_dvc_project(tmp: Path, export: Path, cache: Path) -> Path:
     proj = tmp / "proj"
     proj.mkdir()
     for pkg in PACKAGES:
@@ -73,7 +73,7 @@ def make_dvc_project(tmp: Path, export: Path) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["profile"] = "tiny"
     params["paths"]["mlflow_uri"] = f"sqlite:///{proj}/mlruns/mlflow.db"
-    params["eval"]["cache_dir"] = str(tmp / "cache")
+    params["eval"]["cache_dir"] = str(cache)
     for dotted, value in {**FAST, **PERMISSIVE_GATE}.items():   # in the profile's overlay, which wins
         section, key = dotted.split(".")
         params["profiles"]["tiny"].setdefault(section, {})[key] = value
@@ -84,8 +84,8 @@ def make_dvc_project(tmp: Path, export: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_dvc_repro_registers_then_training_change_reruns_from_train(tmp_path, small_export):
-    proj = make_dvc_project(tmp_path, small_export)
+def test_dvc_repro_registers_then_training_change_reruns_from_train(tmp_path, small_export, eval_cache):
+    proj = make_dvc_project(tmp_path, small_export, eval_cache)
     env = {**step_env(tmp_path), "PYTHONPATH": str(proj)}
     dvc = str(Path(sys.executable).parent / "dvc")
     run = lambda *a: subprocess.run([dvc, *a], cwd=proj, env=env, capture_output=True, text=True, timeout=600)
