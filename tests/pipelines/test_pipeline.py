@@ -144,3 +144,13 @@ def test_cli_submit_without_host_and_bad_host(tmp_path):
     assert out.returncode == 2 and "could not submit" in out.stderr and "Traceback" not in out.stderr
     out = run("compile", "--profile", "tiny", "--output", str(tmp_path / "p.yaml"))
     assert out.returncode == 0 and (tmp_path / "p.yaml").is_file()
+
+
+def test_non_progressive_variant_trains_in_one_task(tmp_path):
+    """The baseline (dcgan) has one full-resolution stage: one training task, no code change."""
+    params = load_params(ROOT / "params.yaml", profile="cpu", overrides={"model.variant": "dcgan"})
+    path = compile_pipeline(params, tmp_path / "dcgan.yaml")
+    ir = next(yaml.safe_load_all(path.read_text()))
+    train = [t for t in all_tasks(ir) if t.startswith("train")]
+    final = params.train.final_resolution or params.data.img_resolution
+    assert train == ["train"] and all_tasks(ir)["train"]["taskInfo"]["name"] == f"train-{final}"
