@@ -33,6 +33,7 @@ from radsynth.config import Params, load_params
 from radsynth.errors import RadsynthError
 
 MLFLOW_UI_PORT = 5000
+MLFLOW_SCRIPT = Path("mlflow") / "start-server.sh"
 
 
 class Demo:
@@ -47,12 +48,13 @@ class Demo:
         print(f"\n==> {what}: {' '.join(argv)}", flush=True)
         return subprocess.run(list(argv), env=self.env).returncode
 
-    def start(self, name: str, argv: Sequence[str], log: Path) -> subprocess.Popen:
-        """Start a long-running service; its output goes to ``log``."""
+    def start(self, name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a long-running service (``env`` added to the demo's); its output goes to ``log``."""
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"==> starting {name}: {' '.join(argv)}  (log: {log})", flush=True)
         with open(log, "ab") as fh:
-            proc = subprocess.Popen(list(argv), env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(list(argv), env={**self.env, **(env or {})}, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         self.children.append((name, proc))
         return proc
 
@@ -157,14 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve, web = params.serve, params.web
         triton_log, web_log, mlflow_log = logs / "triton.log", logs / "web.log", logs / "mlflow.log"
         triton = demo.start("Triton", ["radsynth", "serve", "--profile", params.profile], triton_log)
-        mlflow_env_ok = params.paths.mlflow_uri.startswith("sqlite:///")
         mlflow_proc = None
-        if mlflow_env_ok:
-            env_mlflow = {"MLFLOW_BACKEND_STORE_URI": params.paths.mlflow_uri,
+        if params.paths.mlflow_uri.startswith("sqlite:///") and MLFLOW_SCRIPT.is_file():
+            # The UI over the same SQLite registry the pipeline wrote (a server URI needs none).
+            mlflow_env = {"MLFLOW_BACKEND_STORE_URI": params.paths.mlflow_uri,
                           "MLFLOW_ARTIFACTS_DESTINATION": str(Path(params.paths.mlflow_artifacts).resolve()),
                           "MLFLOW_PORT": str(MLFLOW_UI_PORT), "MLFLOW_WORKERS": "1"}
-            demo.env.update(env_mlflow)
-            mlflow_proc = demo.start("MLflow UI", ["sh", "mlflow/start-server.sh"], mlflow_log)
+            mlflow_proc = demo.start("MLflow UI", ["sh", str(MLFLOW_SCRIPT)], mlflow_log, env=mlflow_env)
         wait_http(f"http://{serve.host}:{serve.http_port}/v2/health/ready", triton, serve.ready_timeout_s, "Triton", triton_log)
         web_proc = demo.start("web app", ["radsynth", "web", "--profile", params.profile], web_log)
         wait_http(f"http://{web.host}:{web.port}/", web_proc, 120, "web app", web_log)

@@ -68,6 +68,7 @@ def make_dvc_project(tmp: Path, export: Path, cache: Path) -> Path:
     proj.mkdir()
     for pkg in PACKAGES:
         shutil.copytree(ROOT / pkg, proj / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "mlflow", proj / "mlflow")
     shutil.copy(ROOT / "dvc.yaml", proj)
     shutil.copytree(export, proj / "data", symlinks=True)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
