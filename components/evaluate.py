@@ -81,9 +81,13 @@ def _check(name: str, condition: str, metric: str, value: float | None, op: str,
         detail = f"{name} = {value:.4g} {op} {threshold:.4g}"
     else:
         gap = abs(value - threshold)
-        rel = f", {gap / abs(threshold):.0%} of the threshold" if threshold else ""
-        side = "below" if op == ">=" else "above" if op == "<=" else "different from"
-        detail = f"{name} = {value:.4g} is {gap:.4g} {side} the threshold {threshold:.4g}{rel} ({what})"
+        rel = f" ({gap / abs(threshold):.0%})" if threshold else ""
+        if op == "<=":
+            detail = f"{name} = {value:.4g} exceeds the limit {threshold:.4g} by {gap:.4g}{rel}: {what}"
+        elif op == ">=":
+            detail = f"{name} = {value:.4g} is {gap:.4g} below the minimum {threshold:.4g}{rel}: {what}"
+        else:
+            detail = f"{name} = {value:.4g}, expected {threshold:.4g}: {what}"
     return Check(name, condition, metric, float(value), op, float(threshold), bool(ok), detail)
 
 
@@ -112,7 +116,7 @@ def apply_gate(values: dict[str, float], classes: Sequence[str], cfg: EvalConfig
         ref = values.get(key(mk.FID_DOMAIN) + mk.REF_SUFFIX)
         limit = cfg.gate_max_fid_ratio * max(ref if ref is not None and np.isfinite(ref) else 0.0, cfg.gate_fid_floor)
         checks.append(_check(key(mk.FID_DOMAIN), c, key(mk.FID_DOMAIN), values.get(key(mk.FID_DOMAIN)), "<=", limit,
-                             f"limit = {cfg.gate_max_fid_ratio:g} x max(real-vs-real {ref if ref is not None else float('nan'):.4g}, floor {cfg.gate_fid_floor:g})"))
+                             f"the limit is {cfg.gate_max_fid_ratio:g} x max(real-vs-real {ref if ref is not None else float('nan'):.4g}, floor {cfg.gate_fid_floor:g})"))
         checks.append(_check(key(mk.MS_SSIM_DIVERSITY), c, key(mk.MS_SSIM_DIVERSITY), values.get(key(mk.MS_SSIM_DIVERSITY)), "<=",
                              cfg.gate_max_diversity, "generated images of this condition are too alike: mode collapse"))
         if cfg.gate_min_recall > 0:
@@ -121,7 +125,7 @@ def apply_gate(values: dict[str, float], classes: Sequence[str], cfg: EvalConfig
     for metric, space in ((mk.MEMORISATION_SHARE, "pixel"), (mk.MEMORISATION_SHARE_FEATURE, "feature")):
         checks.append(_check(metric, "all", metric, values.get(metric), "<=", cfg.gate_max_memorisation,
                              f"too many generated images are closer to a training image ({space} space) than the "
-                             f"test set's {cfg.memorisation_percentile:g}th percentile: memorisation"))
+                             f"closest {cfg.memorisation_percentile:g}% of real test images are: memorisation"))
     return GateResult(passed=all(c.passed for c in checks), checks=tuple(checks))
 
 
@@ -189,7 +193,7 @@ def classifier_for(real, cfg: EvalConfig, cache_dir: str | Path | None, progress
     """
     from model import classifier as clf
 
-    recipe = {"steps": cfg.classifier_steps, "width": cfg.classifier_width, "lr": cfg.classifier_lr,
+    recipe = {"steps": cfg.classifier_steps, "width": cfg.classifier_width, "work_resolution": cfg.classifier_resolution, "lr": cfg.classifier_lr,
               "batch": cfg.classifier_batch, "seed": cfg.seed}
     key = hashlib.sha256(json.dumps({"data": real.identity, **recipe}, sort_keys=True).encode()).hexdigest()[:24]
     root = Path(cache_dir) if cache_dir else Path(".")
@@ -197,7 +201,7 @@ def classifier_for(real, cfg: EvalConfig, cache_dir: str | Path | None, progress
     if path.is_file():
         return path
     model = clf.train_classifier(real.train, real.train_labels, len(real.classes), steps=cfg.classifier_steps,
-                                 width=cfg.classifier_width, lr=cfg.classifier_lr, batch_size=cfg.classifier_batch,
+                                 width=cfg.classifier_width, work_resolution=cfg.classifier_resolution, lr=cfg.classifier_lr, batch_size=cfg.classifier_batch,
                                  seed=cfg.seed, progress=progress)
     meta = {"classes": list(real.classes), "data_identity": real.identity, "recipe": recipe,
             "val_acc": clf.accuracy(model, real.val, real.val_labels),
@@ -240,8 +244,8 @@ def evaluate_images(generated: np.ndarray, gen_labels: np.ndarray, dataset_dir: 
     dataset = load_dataset(dataset_dir)
     res = int(generated.shape[-1])
     real = real_splits(dataset, res)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
-    clf_path = classifier_for(real, cfg, cache_dir or out_dir, progress)
+    cache_dir = Path(cfg.cache_dir or Path(params.paths.artifacts) / "cache")
+    clf_path = classifier_for(real, cfg, cache_dir, progress)
     result = compute_metrics(generated, gen_labels, real, clf_path, cfg, cache_dir=cache_dir, progress=progress)
     gate = apply_gate(result.values, real.classes, cfg, res, expected_resolution)
     values = dict(result.values)

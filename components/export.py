@@ -174,7 +174,7 @@ def export(params: Params, generator_path: str | Path | None = None, out_dir: st
         The export record written to ``export.json``.
     """
     from model.checkpoint import load_generator
-    from radsynth.io import write_json
+    from radsynth.io import sha256_file, write_json
 
     art = Path(params.paths.artifacts)
     generator_path = Path(generator_path or art / "train" / "G_ema.safetensors")
@@ -184,6 +184,7 @@ def export(params: Params, generator_path: str | Path | None = None, out_dir: st
     G, meta = load_generator(generator_path)
     record = export_generator(G, meta, out_dir / "generator.onnx", params.export)
     record["generator"] = str(generator_path)
+    record["generator_sha256"] = sha256_file(generator_path)
     write_json(out_dir / "export.json", record)
     params.save(out_dir / "params.yaml")
     return record

@@ -94,6 +94,10 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
     gate = _read(eval_dir / "gate.json", "evaluate")
     metrics = _read(eval_dir / "metrics.json", "evaluate")
     summary = _read(eval_dir / "evaluate.json", "evaluate")
+    evaluated = (summary.get("generator") or {}).get("sha256")
+    if evaluated and record.get("generator_sha256") and evaluated != record["generator_sha256"]:
+        raise RegistryError(f"{eval_dir} evaluated generator {evaluated[:12]}..., but {export_dir} exported "
+                            f"{record['generator_sha256'][:12]}...; evaluate the exported generator before registering it")
     meta = record.get("metadata", {})
     prov = provenance(params)
     verdict = "passed" if gate.get("passed") else "failed"
@@ -108,7 +112,7 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
     }
     client = _client(params)
     name, clf_name = params.registry.model_name, params.registry.classifier_name
-    with mlflow.start_run(run_name=f"{STEP}-{name}") as run:
+    with mlflow.start_run(run_name=f"{STEP}-{name}", nested=mlflow.active_run() is not None) as run:
         mlflow.set_tags({**tags, "step": STEP})
         finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         mlflow.log_metrics(finite)

@@ -41,10 +41,14 @@ class ClassifierSpec:
     img_channels: int                    # input channels
     img_resolution: int                  # input height = width, power of two >= 4
     width: int = 32                      # channels of the first conv; doubles per level, capped at 4x
+    work_resolution: int = 32            # inputs above this are average-pooled down to it first (CPU cost)
 
 
 class DomainClassifier(nn.Module):
     """Conv blocks that halve the resolution down to 4x4, global average pool, linear head.
+
+    Inputs larger than ``spec.work_resolution`` are average-pooled to it first: the
+    features need the conditions' structure, not every pixel, and this keeps CPU training short.
 
     ``features(x)`` returns the pooled penultimate activations ``[N, feature_dim]``;
     ``forward(x)`` returns the logits ``[N, num_classes]``. Input: float32 in [-1, 1].
@@ -56,11 +60,13 @@ class DomainClassifier(nn.Module):
         if res < 4 or res & (res - 1):
             raise RadsynthError(f"classifier resolution must be a power of two >= 4, got {res}")
         self.spec = spec
-        layers: list[nn.Module] = [nn.Conv2d(spec.img_channels, spec.width, 3, padding=1), nn.LeakyReLU(0.2)]
-        ch = spec.width
+        work = min(res, max(4, spec.work_resolution))
+        layers: list[nn.Module] = [nn.AvgPool2d(res // work)] if work < res else []
+        layers += [nn.Conv2d(spec.img_channels, spec.width, 3, padding=1), nn.LeakyReLU(0.2)]
+        ch, res = spec.width, work
         while res > 4:
             out = min(ch * 2, spec.width * 4)
-            layers += [nn.Conv2d(ch, out, 3, padding=1), nn.GroupNorm(min(8, out), out), nn.LeakyReLU(0.2), nn.AvgPool2d(2)]
+            layers += [nn.AvgPool2d(2), nn.Conv2d(ch, out, 3, padding=1), nn.GroupNorm(min(8, out), out), nn.LeakyReLU(0.2)]
             ch, res = out, res // 2
         layers += [nn.Conv2d(ch, ch, 3, padding=1), nn.LeakyReLU(0.2)]
         self.body = nn.Sequential(*layers)
@@ -89,6 +95,7 @@ def train_classifier(
     num_classes: int,
     steps: int = 400,
     width: int = 32,
+    work_resolution: int = 32,
     lr: float = 2e-3,
     batch_size: int = 64,
     seed: int = 0,
@@ -102,6 +109,7 @@ def train_classifier(
         num_classes: number of classes.
         steps: optimiser steps (minibatches drawn by reshuffled passes over the data).
         width: first-conv channels.
+        work_resolution: inputs are average-pooled down to this resolution first.
         lr: Adam learning rate.
         batch_size: minibatch size.
         seed: seeds initialisation and shuffling.
@@ -119,7 +127,7 @@ def train_classifier(
     gen = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        model = DomainClassifier(ClassifierSpec(num_classes, images.shape[1], images.shape[2], width))
+        model = DomainClassifier(ClassifierSpec(num_classes, images.shape[1], images.shape[2], width, work_resolution))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     x_all = _as_float(images)  # [N, C, H, W]
     y_all = torch.as_tensor(labels)

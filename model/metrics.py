@@ -44,6 +44,7 @@ from radsynth.dataset import Dataset, DatasetError
 from radsynth.errors import RadsynthError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_SHA256_PREFIX = "6726825d"     # the file name's hash suffix (torch hub convention: sha256 prefix)
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_LAYER = "2048"
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -460,7 +461,7 @@ def compute_metrics(
     # TSTR next to TRTR: the same recipe, the same number of images per class, the same seed.
     n_per = {i: int((gen_labels == i).sum()) for i in range(len(classes))}
     pick = np.concatenate([rng.permutation(np.flatnonzero(real.train_labels == i))[:n] for i, n in n_per.items()])
-    recipe = dict(num_classes=len(classes), steps=cfg.tstr_steps, width=cfg.classifier_width,
+    recipe = dict(num_classes=len(classes), steps=cfg.tstr_steps, width=cfg.classifier_width, work_resolution=cfg.classifier_resolution,
                   lr=cfg.classifier_lr, batch_size=cfg.classifier_batch, seed=cfg.seed)
     tstr = clf.train_classifier(generated, gen_labels, **recipe)
     trtr = clf.train_classifier(real.train[pick], real.train_labels[pick], **recipe)
@@ -512,7 +513,8 @@ def compute_metrics(
                              "feature_dim": int(gen_feats.shape[1]), "features_cached": domain_cached,
                              "trained_on": "real train split", "data_identity": clf_meta.get("data_identity", "")},
         "inception_extractor": ({"name": INCEPTION_EXTRACTOR, "layer": INCEPTION_LAYER, "weights_path": str(inc_path),
-                                 "weights_sha256": inc_sha} if inc_path else {"available": False, "reason": inc_reason}),
+                                 "weights_sha256": inc_sha, "sha256_matches_file_name": inc_sha.startswith(INCEPTION_SHA256_PREFIX)}
+                                if inc_path else {"available": False, "reason": inc_reason}),
         "kid": {"subsets": cfg.kid_subsets, "subset_size": cfg.kid_subset_size, "kernel": "poly3"},
         "prc": {"neighborhood": cfg.prc_neighborhood, "space": "domain"},
         "ms_ssim": {"window": win, "scales": scales, "sigma": 1.5 * win / 11, "data_range": 2.0,

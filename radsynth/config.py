@@ -135,11 +135,12 @@ class EvalConfig:
     diversity_pairs: int = 64                  # random pairs per condition for MS-SSIM diversity
     classifier_steps: int = 400                # domain classifier (and TSTR) optimiser steps
     classifier_width: int = 32                 # channels of the classifier's first conv
+    classifier_resolution: int = 32            # classifier input is average-pooled to at most this
     classifier_lr: float = 0.002               # Adam learning rate
     classifier_batch: int = 64                 # classifier training batch
     tstr_steps: int = 200                      # TSTR / TRTR classifiers: optimiser steps (same recipe otherwise)
     memorisation_percentile: float = 1.0       # test-to-train percentile used as "too close"
-    cache_dir: str = "artifacts/cache"         # real-image features + classifier, per data version
+    cache_dir: str = ""                        # real-image features + classifier per data version; "": <artifacts>/cache
     gate_min_cond_acc: float = 0.5             # per condition: classifier accuracy on generated
     gate_max_fid_ratio: float = 10.0           # per condition: fid_domain <= ratio * max(ref, floor)
     gate_fid_floor: float = 1.0                # floor of the real-vs-real reference in that ratio

@@ -27,7 +27,8 @@ def setup_mlflow(params: Params, experiment: str = EXPERIMENT) -> str:
     """
     import mlflow
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.paths.mlflow_uri
+    user_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    uri = user_env["MLFLOW_TRACKING_URI"] or params.paths.mlflow_uri
     artifact_location = None
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
@@ -35,6 +36,13 @@ def setup_mlflow(params: Params, experiment: str = EXPERIMENT) -> str:
         artifact_location = Path(params.paths.mlflow_artifacts).resolve().as_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    # MLflow exports the URIs it is given as environment variables; put the user's back, so
+    # a later call with other params is not overruled by this one's URI.
+    for key, value in user_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     try:
         found = mlflow.get_experiment_by_name(experiment)
         if found is not None:

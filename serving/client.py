@@ -305,6 +305,36 @@ class Client:
         )
         return result.as_numpy("image")  # [N, C, H, W]
 
+    def run(self, model_name: str, inputs: dict[str, np.ndarray], outputs: Sequence[str], model_version: str = "") -> dict[str, np.ndarray]:
+        """Call any served model (e.g. ``radsynth-classifier``: ``{"image": [N, C, H, W]}`` -> ``logits``)
+        with this client's timeout, retries and error mapping.
+
+        Args:
+            model_name: Triton model name.
+            inputs: tensor name -> array (batch axis first).
+            outputs: output tensor names to return.
+            model_version: "" for the newest served version.
+
+        Returns:
+            output name -> array.
+        """
+        tc = self._tc
+        dtypes = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.uint8): "UINT8"}
+        tensors = []
+        for name, array in inputs.items():
+            array = np.ascontiguousarray(array)
+            if array.dtype not in dtypes:
+                raise InvalidInputError(f"input {name!r}: dtype {array.dtype} not supported (use float32, int64, int32 or uint8)")
+            tensor = tc.InferInput(name, list(array.shape), dtypes[array.dtype])
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        requested = [tc.InferRequestedOutput(name) for name in outputs]
+        result = self._call(
+            f"an inference request to {model_name}",
+            lambda: self._client.infer(model_name, tensors, model_version=model_version, outputs=requested, **self._timeout_kw()),
+        )
+        return {name: result.as_numpy(name) for name in outputs}
+
     def sample(self, condition: str, n: int = 1, seed: int | None = None) -> Sample:
         """Generate ``n`` images of ``condition`` and return them with seed and model version."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:

@@ -36,7 +36,7 @@ from radsynth.io import atomic_dir, sha256_file, write_json
 FLAVOURS = ("cpu", "gpu")
 PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
 # Metadata keys carried from ONNX metadata_props / registry tags into config parameters.
-METADATA_KEYS = ("classes", "z_dim", "img_resolution", "img_channels", "variant", "model_kind")
+METADATA_KEYS = ("classes", "z_dim", "img_resolution", "img_channels", "variant", "kind")
 
 _ONNX_TO_TRITON = {
     1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32",
@@ -164,7 +164,10 @@ def local_source(name: str, path: str | Path) -> ModelSource:
 
 
 def registry_source(params: Params, name: str, alias: str, download_dir: str | Path) -> ModelSource:
-    """Download the version an alias points at and verify its sha256 against the registry.
+    """Download the version an alias points at, its sha256 verified against the registry.
+
+    Uses ``components.register.resolve_alias`` (which compares the file with the version's
+    ``onnx_sha256`` tag) and additionally refuses a version that has no such tag.
 
     Args:
         params: resolved config (``paths.mlflow_uri``).
@@ -173,47 +176,20 @@ def registry_source(params: Params, name: str, alias: str, download_dir: str | P
         download_dir: where the artefact is downloaded to.
 
     Raises:
-        RepositoryError: alias unknown, no ``model.onnx`` in the artefact, tag missing, or
-            the file's sha256 differs from the ``onnx_sha256`` tag.
+        RadsynthError: alias unknown, no ``model.onnx``, tag missing, or sha256 mismatch.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    from components.register import resolve_alias
 
-    from radsynth.tracking import setup_mlflow
-
-    setup_mlflow(params)
-    client = mlflow.MlflowClient()
-    try:
-        mv = client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        raise RepositoryError(
-            f"registry {params.paths.mlflow_uri}: no version of {name!r} has alias {alias!r} "
-            f"({exc.message.splitlines()[0]}); register and promote one, or pass a local ONNX file with --onnx"
-        ) from None
-    dest = Path(download_dir) / f"{name}-v{mv.version}"
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dest)))
-    except MlflowException as exc:
-        raise RepositoryError(f"{name} v{mv.version}: artefact download failed ({exc.message.splitlines()[0]})") from None
-    found = [local] if local.is_file() else sorted(local.rglob("model.onnx"))
-    if not found:
-        raise RepositoryError(f"{name} v{mv.version}: no model.onnx in its artefact ({local})")
-    onnx_path = found[0]
-    tags = dict(mv.tags or {})
+    version, onnx_path, tags = resolve_alias(params, alias, model_name=name, dst_dir=Path(download_dir) / f"{name}-{alias}")
     expected = tags.get("onnx_sha256")
     if not expected:
-        raise RepositoryError(f"{name} v{mv.version}: registry tag 'onnx_sha256' missing; refusing to serve an unverified file")
+        raise RepositoryError(f"models:/{name}/{version}: registry tag 'onnx_sha256' missing; refusing to serve an unverified file")
     digest = sha256_file(onnx_path)
-    if digest != expected:
-        raise RepositoryError(
-            f"{name} v{mv.version}: model.onnx sha256 {digest[:12]}... differs from the registry's {expected[:12]}...; "
-            "the artefact was altered or corrupted: re-register it"
-        )
+    if digest != expected:  # resolve_alias checked it; checked again on the exact file that is copied
+        raise RepositoryError(f"models:/{name}/{version}: model.onnx sha256 {digest[:12]}... differs from the registry's {expected[:12]}...")
     _, _, metadata = read_onnx(onnx_path)
-    merged = {**metadata, **{k: v for k, v in tags.items() if k in METADATA_KEYS}}
-    merged.update({k: v for k, v in tags.items() if k not in merged})
-    return ModelSource(name, int(mv.version), onnx_path, digest, f"models:/{name}@{alias} (v{mv.version})", merged)
+    merged = {**metadata, **tags}
+    return ModelSource(name, int(version), onnx_path, digest, f"models:/{name}@{alias} (v{version})", merged)
 
 
 # --------------------------------------------------------------------------------------

@@ -99,3 +99,13 @@ def test_register_refuses_an_export_that_changed(registry, tmp_path):
         fh.write(b"\0")
     with pytest.raises(rg.RegistryError, match="differs from export.json"):
         rg.register(params, tmp_path / "export", root / "eval-pass")
+
+
+def test_register_refuses_an_evaluation_of_another_generator(registry, tmp_path):
+    root, params = registry
+    shutil.copytree(root / "eval-pass", tmp_path / "eval")
+    summary = json.loads((tmp_path / "eval" / "evaluate.json").read_text())
+    summary["generator"] = {"sha256": "f" * 64}
+    (tmp_path / "eval" / "evaluate.json").write_text(json.dumps(summary))
+    with pytest.raises(rg.RegistryError, match="evaluate the exported generator"):
+        rg.register(params, root / "export", tmp_path / "eval")

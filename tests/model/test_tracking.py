@@ -34,3 +34,19 @@ def test_tiny_run_is_tracked_in_mlflow(root, tmp_path, monkeypatch):
     assert steps == sorted(steps) and steps[-1] == 1200                     # step = images shown (1.2 kimg)
     arts = {a.path for folder in ("grids", "plots") for a in client.list_artifacts(run_id, folder)}
     assert arts == {"grids/grid_8.png", "grids/grid_16.png", "plots/curves.png"}
+
+
+def test_second_setup_with_other_params_uses_its_own_store(tmp_path, monkeypatch):
+    import mlflow
+
+    from radsynth.config import load_params
+    from radsynth.tracking import setup_mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    for name in ("a", "b"):
+        params = load_params(overrides={"paths.mlflow_uri": f"sqlite:///{tmp_path}/{name}/mlflow.db",
+                                        "paths.mlflow_artifacts": str(tmp_path / name / "art")})
+        setup_mlflow(params)
+        assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/{name}/mlflow.db"
+    assert "MLFLOW_TRACKING_URI" not in __import__("os").environ

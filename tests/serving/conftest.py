@@ -10,12 +10,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from radsynth.config import Params, load_params
 from tests.conftest import ROOT
 from tests.serving.tiny import CLASSES, make_generator
 
 MODEL = "radsynth-generator"
+CLASSIFIER = "radsynth-classifier"
 
 
 def serving_params(tmp: Path, **overrides) -> Params:
@@ -52,7 +54,7 @@ def register_onnx(params: Params, onnx_path: Path, name: str, alias: str, sha256
     with mlflow.start_run():
         mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name)
     version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    if sha256 is None:  # the stored model.onnx (mlflow moves tensors to external data)
+    if sha256 is None:  # of the stored model.onnx (logged with external tensor data: the harder case)
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
             sha256 = sha256_file(local / "model.onnx")
@@ -80,8 +82,6 @@ def _own_mlflow_store():
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """``(G, onnx_path)``: a seeded tiny-profile generator (3 classes, 16x16 grey) and its ONNX."""
-    import torch
-
     torch.set_num_threads(1)
     params = load_params(ROOT / "params.yaml", profile="tiny")
     return make_generator(tmp_path_factory.mktemp("tiny") / "generator.onnx", params)
@@ -99,13 +99,28 @@ def registry_params(tmp_path_factory, tiny) -> Params:
 
 
 @pytest.fixture(scope="session")
-def triton(registry_params):
-    """A running tritonserver on a repository built from the registry; yields the server."""
+def classifier(tmp_path_factory):
+    """``(model, onnx_path)``: an untrained domain classifier (16x16 grey, 3 classes) as ONNX."""
+    from model.classifier import ClassifierSpec, DomainClassifier, export_classifier_onnx
+
+    torch.manual_seed(0)
+    model = DomainClassifier(ClassifierSpec(num_classes=len(CLASSES), img_channels=1, img_resolution=16, width=8)).eval()
+    return model, export_classifier_onnx(model, tmp_path_factory.mktemp("classifier") / "classifier.onnx", CLASSES)
+
+
+@pytest.fixture(scope="session")
+def triton(registry_params, classifier):
+    """A running tritonserver serving the generator (from the registry, @champion) and the
+    classifier (local ONNX); yields the server."""
+    import dataclasses
+
     from serving.repository import build_repository
     from serving.server import TritonServer
 
     _forget_mlflow_uri()
-    repo = build_repository(registry_params)
+    params = dataclasses.replace(registry_params, serve=dataclasses.replace(
+        registry_params.serve, models=(MODEL, CLASSIFIER), onnx={CLASSIFIER: str(classifier[1])}))
+    repo = build_repository(params)
     _forget_mlflow_uri()
     server = TritonServer(registry_params.serve, repo)
     server.start()
@@ -124,4 +139,4 @@ def client(triton, registry_params):
         yield c
 
 
-__all__ = ["CLASSES", "MODEL", "register_onnx", "serving_params"]
+__all__ = ["CLASSES", "CLASSIFIER", "MODEL", "register_onnx", "serving_params"]

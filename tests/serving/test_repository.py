@@ -9,6 +9,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from radsynth.errors import RadsynthError
 from serving.repository import (
     RepositoryError,
     build_repository,
@@ -105,14 +106,22 @@ def test_sha256_mismatch_is_refused(registry_params, tiny, tmp_path):
     name = "radsynth-generator-tampered"
     register_onnx(registry_params, tiny[1], name, "champion", sha256="0" * 64)
     params = _with_serve(registry_params, models=(name,), repository=str(tmp_path / "repo"))
-    with pytest.raises(RepositoryError, match="differs from the registry"):
+    with pytest.raises(RadsynthError, match="sha256 .* != tag"):
         build_repository(params)
     assert not (tmp_path / "repo").exists()                                    # nothing half-built
 
 
+def test_version_without_sha256_tag_is_refused(registry_params, tiny, tmp_path):
+    name = "radsynth-generator-untagged"
+    register_onnx(registry_params, tiny[1], name, "champion", sha256="")
+    params = _with_serve(registry_params, models=(name,), repository=str(tmp_path / "repo"))
+    with pytest.raises(RepositoryError, match="'onnx_sha256' missing; refusing"):
+        build_repository(params)
+
+
 def test_unknown_alias_and_missing_file_are_clear(registry_params, tmp_path):
     params = _with_serve(registry_params, aliases=("nosuch",))
-    with pytest.raises(RepositoryError, match="no version of 'radsynth-generator' has alias 'nosuch'"):
+    with pytest.raises(RadsynthError, match="models:/radsynth-generator@nosuch does not exist"):
         build_repository(params, tmp_path / "r")
     with pytest.raises(RepositoryError, match="not found"):
         local_source(MODEL, tmp_path / "missing.onnx")

@@ -52,6 +52,18 @@ def test_triton_equals_onnxruntime_equals_pytorch(client, tiny):
     assert not np.array_equal(client.generate("NORMAL", 1, seed=1), client.generate("PNEUMONIA", 1, seed=1))
 
 
+def test_other_models_are_served_beside_the_generator(client, classifier):
+    """The classifier (image -> logits) runs through the same generic python model."""
+    model, onnx_path = classifier
+    images = client.infer(z_from_seed(3, 5, client.info.z_dim), np.arange(5) % 3)       # [5, 1, 16, 16]
+    logits = client.run("radsynth-classifier", {"image": images}, ["logits"])["logits"]  # [5, 3]
+    expected = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(["logits"], {"image": images})[0]
+    assert logits.shape == (5, 3)
+    np.testing.assert_allclose(logits, expected, atol=ATOL)
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(torch.from_numpy(images.copy())).numpy(), atol=1e-4)
+
+
 def test_http_gives_the_same_images(triton, registry_params, client):
     with Client.from_config(registry_params.serve, protocol="http") as http:
         assert http.info.classes == client.info.classes
