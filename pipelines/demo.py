@@ -115,6 +115,38 @@ def gate_report(params: Params) -> tuple[bool | None, str]:
     return bool(gate.get("passed")), "; ".join(lines) or "all checks passed"
 
 
+def has_alias(params: Params, model: str, alias: str) -> bool:
+    """Whether registered model ``model`` has ``alias`` in the configured registry."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from radsynth.tracking import setup_mlflow
+
+    setup_mlflow(params)
+    try:
+        MlflowClient().get_model_version_by_alias(model, alias)
+        return True
+    except MlflowException:
+        return False
+
+
+def serve_command(params: Params, with_encoder: bool) -> list[str]:
+    """``radsynth serve`` for the demo: the champion generator, the domain classifier's champion
+    (the web page shows its confidence) and, when this run's model was promoted, the encoder
+    trained for it (the web page maps an upload to z with it)."""
+    argv = ["radsynth", "serve", "--profile", params.profile]
+    models = list(params.serve.models)
+    classifier = params.registry.classifier_name
+    if classifier not in models and has_alias(params, classifier, params.registry.champion_alias):
+        models.append(classifier)
+    if models != list(params.serve.models):
+        argv += ["--set", "serve.models=[" + ", ".join(models) + "]"]
+    encoder = Path(params.paths.artifacts) / "encoder" / "encoder.onnx"
+    if with_encoder and encoder.is_file() and params.web.encoder_name not in models:
+        argv += ["--onnx", f"{params.web.encoder_name}={encoder.resolve()}"]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="demo", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), help="params profile (default cpu, or $PROFILE)")
@@ -143,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "(DVC stages take the profile from params.yaml so that they rerun when it changes)")
         status = demo.run(f"pipeline on the {params.profile} profile (finished stages are reused)", ["dvc", "repro"])
         passed, reason = gate_report(params)
+        promoted = False
         if status != 0 and passed is False:
             print(f"\nThe evaluation gate FAILED, so this model was not registered or promoted: {reason}.\n"
                   f"Full report: {Path(params.paths.artifacts) / 'evaluate' / 'gate.md'}", flush=True)
@@ -151,14 +184,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return status
         else:
             print(f"\npipeline done in {time.monotonic() - started:.0f} s; gate passed ({reason})", flush=True)
-            if demo.run("promote the new version to champion", ["radsynth", "promote", "--profile", params.profile]) != 0:
+            promoted = demo.run("promote the new version to champion", ["radsynth", "promote", "--profile", params.profile]) == 0
+            if not promoted:
                 print("promotion refused (reason above); the previous champion, if any, stays in service", flush=True)
         if args.no_serve:
             return 0
 
+        if not has_alias(params, params.registry.model_name, params.registry.champion_alias):
+            print(f"nothing to serve: {params.registry.model_name} has no @{params.registry.champion_alias} yet "
+                  "(fix what the gate report says and run `make demo` again)", flush=True)
+            return 1
         serve, web = params.serve, params.web
         triton_log, web_log, mlflow_log = logs / "triton.log", logs / "web.log", logs / "mlflow.log"
-        triton = demo.start("Triton", ["radsynth", "serve", "--profile", params.profile], triton_log)
+        triton = demo.start("Triton", serve_command(params, with_encoder=promoted), triton_log)
         mlflow_proc = None
         if params.paths.mlflow_uri.startswith("sqlite:///") and MLFLOW_SCRIPT.is_file():
             # The UI over the same SQLite registry the pipeline wrote (a server URI needs none).
