@@ -27,8 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "register": ("components.register", "register the exported generator in MLflow as @candidate"),
     "promote": ("components.register", "move @champion to a version whose gate passed (default: @candidate)"),
     "rollback": ("components.register", "move @champion back to the previous champion"),
+    "encoder": ("components.encoder", "train the image -> z encoder on the frozen G_ema, export ONNX, register it"),
     "serve": ("serving.server", "build the Triton model repository (registry alias or local ONNX) and run tritonserver"),
     "generate": ("serving.generate", "generate images from a running server as PNG or synthetic DICOM; --check verifies it"),
+    "web": ("serving.web.server", "run the web app (gunicorn) against Triton and the registry; prints its URL"),
     "pipeline": ("pipelines.cli", "the Kubeflow pipeline: compile | run-local | submit --host URL"),
 }
 

@@ -203,7 +203,34 @@ class ServeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WebConfig:
-    """`web:` the web app (owner: serving/web)."""
+    """`web:` the web app and the image -> z encoder behind it (owner: serving/web, model/encoder.py)."""
+
+    host: str = "127.0.0.1"                    # where `radsynth web` listens (loopback by default)
+    port: int = 8050                           # its port
+    workers: int = 2                           # gunicorn worker processes
+    threads: int = 4                           # threads per worker (gthread)
+    timeout_s: int = 60                        # gunicorn worker timeout
+    triton_url: str = "127.0.0.1:8001"         # Triton gRPC endpoint the client talks to
+    triton_timeout_s: float = 10.0             # per-request client timeout
+    model_name: str = "radsynth-generator"     # registered + served generator
+    model_alias: str = "champion"              # registry alias whose version is shown/served
+    encoder_name: str = "radsynth-encoder"     # registered + served image -> z encoder
+    classifier_name: str = "radsynth-classifier"  # registered + served domain classifier
+    model_info_ttl_s: float = 30.0             # how long registry facts are cached per worker
+    max_upload_bytes: int = 16777216           # request body cap (Flask MAX_CONTENT_LENGTH too)
+    max_pixels: int = 16777216                 # decoded width*height cap (decompression bombs)
+    max_images: int = 8                        # images per request
+    latent_jitter: float = 0.35                # z = E(x) + jitter * z_from_seed(seed): variety around the upload
+    audit_log: str = "artifacts/web/audit.jsonl"  # JSON lines: time, model version, condition, seed, n
+    store_uploads: bool = False                # never write uploads to disk unless true
+    upload_dir: str = "artifacts/web/uploads"  # where they go when store_uploads is true
+    secret_key_env: str = "RADSYNTH_WEB_SECRET"  # env var with the session/CSRF signing key
+    encoder_steps: int = 2000                  # encoder training steps (G frozen)
+    encoder_batch: int = 32                    # encoder training batch size
+    encoder_lr: float = 0.001                  # Adam learning rate
+    encoder_prior_weight: float = 0.001        # weight of the latent prior term mean(z**2)
+    encoder_channels: int = 64                 # width of the first encoder conv (doubles per halving, capped x8)
+    encoder_opset: int = 17                    # ONNX opset of encoder.onnx
 
 
 @dataclasses.dataclass(frozen=True)

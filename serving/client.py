@@ -227,18 +227,30 @@ class Client:
         self._info = None
         return self.info
 
-    def _fetch_info(self) -> ModelInfo:
+    def _model_config(self, model_name: str, model_version: str = "") -> dict:
+        """Liveness, readiness, then the served config of ``model_name`` (raises when not ready)."""
         self._call("a liveness check", lambda: self._client.is_server_live(**self._timeout_kw()))
-        ready = self._call("a readiness check", lambda: self._client.is_model_ready(self.model_name, self.model_version, **self._timeout_kw()))
+        ready = self._call("a readiness check", lambda: self._client.is_model_ready(model_name, model_version, **self._timeout_kw()))
         if not ready:
             raise ModelNotReadyError(
-                f"model {self.model_name!r} (version {self.model_version or 'newest'}) is not ready on {self.url}; "
+                f"model {model_name!r} (version {model_version or 'newest'}) is not ready on {self.url}; "
                 f"models there: {self._index_summary()}. Check the server log (`radsynth serve`)"
             )
         if self.protocol == "grpc":
-            config = self._call("the model config", lambda: self._client.get_model_config(self.model_name, self.model_version, as_json=True, **self._timeout_kw()))["config"]
-        else:
-            config = self._call("the model config", lambda: self._client.get_model_config(self.model_name, self.model_version))
+            return self._call("the model config", lambda: self._client.get_model_config(model_name, model_version, as_json=True, **self._timeout_kw()))["config"]
+        return self._call("the model config", lambda: self._client.get_model_config(model_name, model_version))
+
+    def model_parameters(self, model_name: str) -> dict[str, str]:
+        """Config parameters of any served model (e.g. the encoder's ``z_dim``).
+
+        Raises:
+            ModelNotReadyError: the model is absent or not ready; ServerUnavailableError: no server.
+        """
+        config = self._model_config(model_name)
+        return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+    def _fetch_info(self) -> ModelInfo:
+        config = self._model_config(self.model_name, self.model_version)
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         missing = [k for k in ("classes", "z_dim", "img_resolution", "img_channels") if k not in params]
         if missing:

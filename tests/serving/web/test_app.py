@@ -1,0 +1,392 @@
+"""The web app through Flask's test client: pages, every refusal path, privacy, downloads."""
+
+from __future__ import annotations
+
+import base64
+import html as html_lib
+import io
+import json
+import re
+import struct
+import zipfile
+import zlib
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from serving.web.app import InMemoryRequest, create_app
+from serving.web.backend import TritonBackend
+
+from .conftest import CHEST_DX, CLASSES
+
+
+# --------------------------------------------------------------------------------------
+# Test inputs, built from the real fixture DICOM or from scratch
+# --------------------------------------------------------------------------------------
+
+
+def dicom_bytes(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def small_dicom(**changes) -> pydicom.Dataset:
+    """The fixture chest DX with its pixels replaced by a 64x64 8-bit gradient."""
+    ds = pydicom.dcmread(CHEST_DX)
+    ds.Rows = ds.Columns = 64
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelData = (np.add.outer(np.arange(64), np.arange(64)) % 256).astype(np.uint8).tobytes()
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels with almost no data behind it."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+
+
+def multi_frame() -> bytes:
+    ds = small_dicom(NumberOfFrames=2)
+    ds.PixelData = ds.PixelData * 2
+    return dicom_bytes(ds)
+
+
+def colour_dicom() -> bytes:
+    ds = small_dicom(SamplesPerPixel=3, PhotometricInterpretation="RGB", PlanarConfiguration=0)
+    ds.PixelData = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8).tobytes()
+    return dicom_bytes(ds)
+
+
+def no_pixels() -> bytes:
+    """A structured report: a valid DICOM object with no image in it."""
+    ds = small_dicom()
+    for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                    "SamplesPerPixel", "PhotometricInterpretation"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    ds.Modality = "SR"
+    return dicom_bytes(ds)
+
+
+GREY = (np.random.default_rng(1).random((80, 96)) * 255).astype(np.uint8)
+COLOUR = np.stack([GREY, GREY[::-1], np.zeros_like(GREY)], axis=-1)
+
+BAD_UPLOADS = {
+    # name: (bytes factory, filename, status, words the message must contain)
+    "not an image, named .png": (lambda: b"%PDF-1.7\n" + b"x" * 4000, "scan.png", 415, "not a PNG, JPEG or DICOM"),
+    "truncated DICOM": (lambda: CHEST_DX.read_bytes()[:400_000], "chest.dcm", 422, "truncated"),
+    "DICOM without pixel data": (no_pixels, "report.dcm", 422, "no pixel data"),
+    "multi-frame DICOM": (multi_frame, "cine.dcm", 422, "2 frames"),
+    "colour DICOM": (colour_dicom, "rgb.dcm", 422, "colour"),
+    "colour PNG": (lambda: png_bytes(COLOUR), "photo.png", 422, "colour"),
+    "truncated PNG": (lambda: png_bytes(GREY)[:300], "cut.png", 422, "truncated"),
+    "decompression bomb": (lambda: png_bomb(60000, 60000), "bomb.png", 413, "decompression bomb"),
+    "too many pixels": (lambda: png_bomb(3000, 3000), "wide.png", 413, "megapixels"),
+    "empty file": (lambda: b"", "empty.png", 422, "empty"),
+    "DICOM over the pixel cap": (lambda: dicom_bytes(small_dicom(Rows=3000, Columns=3000)), "huge.dcm", 413, "megapixels"),
+}
+
+
+def audit_lines(params) -> list[dict]:
+    path = params.web.audit_log
+    try:
+        return [json.loads(line) for line in open(path)]
+    except FileNotFoundError:
+        return []
+
+
+# --------------------------------------------------------------------------------------
+# Pages
+# --------------------------------------------------------------------------------------
+
+
+def test_home_lists_served_conditions_with_labelled_controls_and_notice(client):
+    resp = client.get("/")
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 200
+    assert re.findall(r'<option value="([^"]+)"', html) == list(CLASSES)
+    for control in ("image", "condition", "n", "seed"):
+        assert f'<label for="{control}"' in html and f'id="{control}"' in html
+    assert "Research use only" in html and "must not be used for diagnosis or treatment" in html
+    assert 'name="csrf_token"' in html
+    assert "https://" not in html and "//cdn" not in html  # offline: nothing external
+    assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
+
+
+def test_generate_without_upload_shows_images_facts_metrics_and_audits(client, params, h):
+    resp = h.post_generate(client, condition="PNEUMONIA_VIRAL", n=3, seed=11)
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 200
+    assert len(re.findall(r'<img src="data:image/png;base64,[^"]+"[^>]*class="generated"', html)) == 3
+    assert re.search(r'id="fact-condition">PNEUMONIA_VIRAL<', html)
+    assert re.search(r'id="fact-seed">11<', html)
+    assert re.search(r'id="fact-version">2<', html) and re.search(r'id="fact-alias">champion', html)
+    # metrics: recorded values formatted, the absent ones honestly unavailable with their reason
+    assert re.search(r'data-key="fid_domain">.*?41\.50.*?3\.25', html, re.S)
+    assert re.search(r'data-key="fid_inception">.*?unavailable.*?InceptionV3 weights file not present', html, re.S)
+    assert re.search(r'data-key="ssim_nearest">.*?unavailable.*?not recorded', html, re.S)
+    assert "unavailable (no upload)" in html
+    assert html.count("Research use only") == 1
+    [line] = audit_lines(params)
+    assert set(line) == {"time", "event", "model", "version", "alias", "condition", "seed", "n", "source", "upload"}
+    assert (line["condition"], line["seed"], line["n"], line["version"], line["upload"]) == ("PNEUMONIA_VIRAL", 11, 3, "2", False)
+
+
+def test_same_seed_same_images_and_permalink_reproduces_them(client, h):
+    first = h.post_generate(client, seed=5, n=2).get_data(as_text=True)
+    link = html_lib.unescape(re.search(r'id="permalink" type="text" readonly value="([^"]+)"', first).group(1))
+    assert link.endswith("/result?condition=NORMAL&seed=5&n=2")
+    again = client.get(link.replace("http://localhost", ""))
+    assert again.status_code == 200
+    pngs = lambda html: re.findall(r'<img src="(data:image/png;base64,[^"]+)"[^>]*class="generated"', html)
+    assert pngs(first) == pngs(again.get_data(as_text=True))
+    assert "Opened from a permalink" in again.get_data(as_text=True)
+    other = h.post_generate(client, seed=6, n=2).get_data(as_text=True)
+    assert pngs(other) != pngs(first)
+
+
+def test_dicom_upload_seeds_generation_and_is_the_ssim_reference(client, backend, h):
+    resp = h.post_generate(client, CHEST_DX.read_bytes(), "chest.dcm", n=2, seed=3)
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 200
+    assert backend.calls[:2] == ["encode", "generate"]
+    assert "Preprocessed exactly as training data (DICOM, 1024×1024 → 16×16)" in html
+    ssims = [float(v) for v in re.findall(r'<dd class="ssim">([-0-9.]+)</dd>', html)]
+    assert len(ssims) == 2 and all(-1 <= s <= 1 for s in ssims)
+    recon = float(re.search(r"Reconstruction SSIM <strong>([-0-9.]+)</strong>", html).group(1))
+    assert -1 <= recon <= 1
+    assert "your upload is not part of it" in html  # the permalink says it regenerates without the upload
+    # the upload changes the images: same seed without it gives different pixels
+    plain = h.post_generate(client, n=2, seed=3).get_data(as_text=True)
+    grab = lambda s: re.findall(r'<img src="(data:image/png;base64,[^"]+)"[^>]*class="generated"', s)[:2]
+    assert grab(plain) != grab(html)
+
+
+def test_upload_preprocessing_matches_training(client, h):
+    """The preview is radsynth.imaging's training preprocessing of the same file, pixel for pixel."""
+    from radsynth import imaging
+
+    html = h.post_generate(client, CHEST_DX.read_bytes(), "chest.dcm").get_data(as_text=True)
+    uri = re.search(r'<img src="data:image/png;base64,([^"]+)" class="generated" alt="Your upload', html).group(1)
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))))
+    expected = imaging.prepare(imaging.dicom_to_array(imaging.read_dicom(CHEST_DX.read_bytes())), 16)[0]
+    np.testing.assert_array_equal(shown, expected)
+
+
+def test_regenerate_keeps_upload_with_a_new_seed(client, h):
+    html = h.post_generate(client, CHEST_DX.read_bytes(), "chest.dcm", seed=3).get_data(as_text=True)
+    form = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', html.split('id="regenerate-form"')[1].split("</form>")[0]))
+    assert set(form) == {"csrf_token", "condition", "n", "reference"}
+    resp = client.post("/regenerate", data=form)
+    again = resp.get_data(as_text=True)
+    assert resp.status_code == 200
+    assert "Reconstruction SSIM" in again
+    assert re.search(r'id="fact-seed">(\d+)<', again).group(1) != "3"
+    tampered = dict(form, reference=form["reference"][:-4] + "AAAA")
+    bad = client.post("/regenerate", data=tampered)
+    assert bad.status_code == 400 and "could not be verified" in bad.get_data(as_text=True)
+
+
+def test_downloads_are_valid_png_and_zip(client, h):
+    html = h.post_generate(client, n=2, seed=9).get_data(as_text=True)
+    png_links = re.findall(r'href="data:image/png;base64,([^"]+)" download="([^"]+\.png)"', html)
+    assert len(png_links) == 2
+    img = Image.open(io.BytesIO(base64.b64decode(png_links[0][0])))
+    assert img.format == "PNG" and img.size == (16, 16) and img.mode == "L"
+    assert png_links[0][1] == "radsynth_radsynth-generator-v2_NORMAL_seed9_00.png"
+    zdata = re.search(r'href="data:application/zip;base64,([^"]+)" download="([^"]+)"', html)
+    with zipfile.ZipFile(io.BytesIO(base64.b64decode(zdata.group(1)))) as zf:
+        names = zf.namelist()
+        prov = json.loads(zf.read("provenance.json"))
+    assert sum(n.endswith(".png") for n in names) == 2
+    assert prov["synthetic"] is True and prov["seed"] == 9 and prov["version"] == "2"
+
+
+# --------------------------------------------------------------------------------------
+# Refusals: clear message, 4xx, nothing generated, nothing stored, nothing audited
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS), ids=list(BAD_UPLOADS))
+def test_bad_upload_is_refused_clearly_and_nothing_is_kept(client, backend, params, h, case):
+    make, filename, status, words = BAD_UPLOADS[case]
+    resp = h.post_generate(client, make(), filename)
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == status
+    message = h.alert(html)
+    assert words.lower() in message.lower(), message
+    assert "Traceback" not in html
+    assert backend.calls == []
+    assert audit_lines(params) == []
+    assert not (params.web.upload_dir and __import__("os").path.exists(params.web.upload_dir))
+
+
+def test_content_not_extension_decides(client, h):
+    """A real PNG named .dcm is accepted; the extension is never trusted."""
+    resp = h.post_generate(client, png_bytes(GREY), "looks_like.dcm")
+    assert resp.status_code == 200
+    assert "Preprocessed exactly as training data (PNG, 96×80" in resp.get_data(as_text=True)
+
+
+def test_grey_jpeg_and_grey_rgb_png_are_accepted(client, h):
+    buf = io.BytesIO()
+    Image.fromarray(GREY).save(buf, format="JPEG", quality=90)
+    assert h.post_generate(client, buf.getvalue(), "x.jpg").status_code == 200
+    assert h.post_generate(client, png_bytes(np.stack([GREY] * 3, -1)), "x.png").status_code == 200
+
+
+def test_file_over_the_size_cap_is_refused(client, params, h):
+    over = params.web.max_upload_bytes + 1000  # below Flask's body cap: our own check answers
+    resp = h.post_generate(client, b"\x89PNG\r\n\x1a\n" + b"\0" * over, "big.png")
+    assert resp.status_code == 413 and "the limit is 4 MiB" in h.alert(resp.get_data(as_text=True))
+    huge = params.web.max_upload_bytes + (2 << 20)  # above MAX_CONTENT_LENGTH: Flask refuses the body
+    resp = h.post_generate(client, b"\0" * huge, "huge.png")
+    assert resp.status_code == 413 and "larger than the 4 MiB limit" in h.alert(resp.get_data(as_text=True))
+    assert audit_lines(params) == []
+
+
+def test_pixel_cap_comes_from_params(params, backend, h):
+    from radsynth.config import load_params
+
+    small = load_params(params_path(), profile="tiny", overrides={**overrides_of(params), "web.max_pixels": 1000})
+    client = create_app(small, backend=backend).test_client()
+    resp = h.post_generate(client, png_bytes(GREY), "x.png")  # 96 x 80 = 7680 pixels
+    assert resp.status_code == 413 and "megapixels" in h.alert(resp.get_data(as_text=True))
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"condition": "FRACTURE"}, "Unknown condition"),
+    ({"n": "0"}, "between 1 and 4"),
+    ({"n": "5"}, "between 1 and 4"),
+    ({"n": "two"}, "whole number"),
+    ({"seed": "-1"}, "between 0 and 2^63"),
+    ({"seed": "1e3"}, "whole number"),
+], ids=["condition", "n0", "n-too-many", "n-text", "seed-negative", "seed-float"])
+def test_bad_form_values_are_400_with_a_message(client, backend, h, fields, words):
+    resp = h.post_generate(client, **fields)
+    assert resp.status_code == 400
+    assert words in h.alert(resp.get_data(as_text=True))
+    assert backend.calls == []
+
+
+def test_csrf_is_required_on_every_post(client, backend, params):
+    client.get("/")
+    for form in ({"condition": "NORMAL", "n": "1"}, {"condition": "NORMAL", "n": "1", "csrf_token": "forged"}):
+        resp = client.post("/generate", data=form)
+        assert resp.status_code == 400 and "expired or did not come from this site" in resp.get_data(as_text=True)
+        resp = client.post("/regenerate", data=form)
+        assert resp.status_code == 400
+    # a token from another session does not work either
+    other = create_app(params, backend=backend).test_client()
+    page = other.get("/").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    assert client.post("/generate", data={"condition": "NORMAL", "n": "1", "csrf_token": token}).status_code == 400
+    assert backend.calls == []
+
+
+def test_permalink_needs_a_seed(client):
+    resp = client.get("/result?condition=NORMAL&n=1")
+    assert resp.status_code == 400 and "needs its seed" in resp.get_data(as_text=True)
+
+
+def test_triton_down_gives_a_503_page_with_retry(params):
+    import socket
+
+    pytest.importorskip("serving.client", reason="serving/client.py (serving helper) not merged yet")
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from radsynth.config import load_params
+
+    down = load_params(params_path(), profile="tiny", overrides={**overrides_of(params), "web.triton_url": f"127.0.0.1:{port}",
+                                                                   "web.triton_timeout_s": 2.0})
+    client = create_app(down, backend=TritonBackend(down)).test_client()
+    for resp in (client.get("/"), client.get("/result?condition=NORMAL&seed=1&n=1")):
+        html = resp.get_data(as_text=True)
+        assert resp.status_code == 503
+        assert "not reachable" in html and f"127.0.0.1:{port}" in html
+        assert 'id="retry"' in html and resp.headers["Retry-After"] == "10"
+    assert client.get("/healthz").status_code == 503
+    assert audit_lines(down) == []
+
+
+def test_unknown_route_and_internal_errors_are_pages_not_tracebacks(client, backend, h):
+    resp = client.get("/nope")
+    assert resp.status_code == 404 and "<html" in resp.get_data(as_text=True)
+
+    def broken(*a, **k):
+        raise RuntimeError("secret internal detail")
+
+    backend.generate = broken
+    resp = h.post_generate(client)
+    html = resp.get_data(as_text=True)
+    assert resp.status_code == 500 and "secret internal detail" not in html and "Traceback" not in html
+
+
+# --------------------------------------------------------------------------------------
+# Privacy
+# --------------------------------------------------------------------------------------
+
+
+def test_uploads_stay_in_memory(app):
+    """Werkzeug spools big multipart files to a temp file; ours never does."""
+    big = b"\x89PNG" + b"\0" * (2 << 20)
+    with app.test_request_context("/generate", method="POST", data={"image": (io.BytesIO(big), "x.png")},
+                                  content_type="multipart/form-data"):
+        from flask import request
+
+        assert isinstance(request, InMemoryRequest)
+        assert isinstance(request.files["image"].stream, io.BytesIO)
+
+
+def test_nothing_identifying_reaches_page_or_log(client, params, h):
+    ds = pydicom.dcmread(CHEST_DX)
+    identifiers = [str(v) for v in (ds.get("PatientName"), ds.get("PatientID"), ds.get("StudyInstanceUID"),
+                                    ds.get("SOPInstanceUID"), ds.get("InstitutionName")) if v]
+    assert identifiers
+    html = h.post_generate(client, CHEST_DX.read_bytes(), "chest.dcm").get_data(as_text=True)
+    log = open(params.web.audit_log).read()
+    for value in identifiers:
+        assert value not in html and value not in log
+    assert not __import__("os").path.exists(params.web.upload_dir)
+
+
+def test_store_uploads_keeps_only_the_preprocessed_image(params, backend, h, tmp_path):
+    from radsynth.config import load_params
+
+    keep = load_params(params_path(), profile="tiny", overrides={**overrides_of(params), "web.store_uploads": True})
+    client = create_app(keep, backend=backend).test_client()
+    assert h.post_generate(client, CHEST_DX.read_bytes(), "chest.dcm").status_code == 200
+    files = list((tmp_path / "uploads").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".png"
+    assert Image.open(files[0]).size == (16, 16)  # the model's input, not the DICOM
+
+
+# helpers to rebuild params with one more override
+def params_path():
+    from .conftest import ROOT
+
+    return ROOT / "params.yaml"
+
+
+def overrides_of(params) -> dict:
+    w = params.web
+    return {"web.audit_log": w.audit_log, "web.upload_dir": w.upload_dir, "web.max_upload_bytes": w.max_upload_bytes,
+            "web.max_pixels": w.max_pixels, "web.max_images": w.max_images}
