@@ -22,7 +22,7 @@ from pipelines.component import image_ref
 from radsynth.config import Params, PipelineConfig
 
 PIPELINE_NAME = "radsynth-pipeline"
-STEPS = ("ingest", "preprocess", "validate", "train", "evaluate", "export", "register")
+STEPS = ("ingest", "preprocess", "validate", "train", "evaluate", "export", "encoder", "register")
 MLFLOW_ENV = "MLFLOW_TRACKING_URI"
 SALT_KEY = "RADSYNTH_SALT"   # key in the pipeline.salt_secret Secret
 
@@ -94,7 +94,8 @@ def build_pipeline(params: Params) -> Callable:
     stages = stage_resolutions(params)
     raw_default = cfg.data_mount if cfg.data_pvc else params.paths.raw
     image = image_ref(cfg)
-    ingest_c, preprocess_c, validate_c, train_c, evaluate_c, export_c, register_c = (component(s, image) for s in STEPS)
+    ingest_c, preprocess_c, validate_c, train_c, evaluate_c, export_c, encoder_c, register_c = (
+        component(s, image) for s in STEPS)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -140,6 +141,9 @@ def build_pipeline(params: Params) -> Callable:
         with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition, not Python)
             export = export_c(checkpoint=checkpoint, **common)
             _limits(export, cfg.step_cpu, cfg.step_memory, cfg)
+            encoder = encoder_c(register=True, dataset=dataset, checkpoint=checkpoint, onnx=export.outputs["onnx"], **common)
+            _train_resources(encoder, cfg)
+            _tracking(encoder, cfg)
             register = register_c(promote=promote, evaluation=evaluate.outputs["evaluation"],
                                   onnx=export.outputs["onnx"], **common)
             _limits(register, cfg.step_cpu, cfg.step_memory, cfg)

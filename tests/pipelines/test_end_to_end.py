@@ -53,7 +53,7 @@ def test_kfp_local_run_registers_and_promotes(tmp_path, small_export, eval_cache
     # every task ran, one per training stage
     (run_dir,) = list((tmp_path / "kfp").iterdir())
     tasks = {p.name for p in run_dir.iterdir()}
-    assert {"ingest", "preprocess", "validate", "train", "train-2", "evaluate", "export", "register"} <= tasks
+    assert {"ingest", "preprocess", "validate", "train", "train-2", "evaluate", "export", "encoder", "register"} <= tasks
     # stage 2 resumed from stage 1's checkpoint: it carries both stages' folders
     stage2 = json.loads((run_dir / "train-2" / "executor_output.json").read_text())
     ckpt = Path(stage2["artifacts"]["checkpoint"]["artifacts"][0]["uri"])

@@ -65,7 +65,8 @@ def test_export_and_register_only_under_the_gate(tmp_path):
     assert "evaluate" in cond["dependentTasks"]
     assert cond["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true"
     inner = ir["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
-    assert set(inner) == {"export", "register"}
+    assert set(inner) == {"export", "encoder", "register"}
+    assert inner["encoder"]["inputs"]["artifacts"]["onnx"]["taskOutputArtifact"]["producerTask"] == "export"
     assert inner["register"]["inputs"]["artifacts"]["onnx"]["taskOutputArtifact"]["producerTask"] == "export"
 
 
