@@ -166,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
     try:
         # dvc.yaml takes the profile from params.yaml's `profile:` key, so DVC reruns what a
         # profile switch changes; a different --profile must be selected there.
