@@ -339,3 +339,25 @@ def run(args: argparse.Namespace) -> int:
     if not result.passed and params.eval.enforce and not args.allow_fail:
         return 1
     return 0
+
+
+# --------------------------------------------------------------------------------------
+# Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
+# --------------------------------------------------------------------------------------
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output  # noqa: E402
+
+from pipelines.component import step_component  # noqa: E402
+
+
+@step_component
+def evaluate_component(profile: str, overrides: list, dataset: Input[Dataset], checkpoint: Input[Model],
+                       evaluation: Output[Artifact], metrics: Output[Metrics]) -> bool:
+    """KFP: metrics and the gate on the last stage's ``G_ema``; returns the verdict for ``dsl.If``."""
+    from components.evaluate import evaluate
+    from pipelines.workspace import step_workspace
+
+    with step_workspace(profile, overrides, inputs={"dataset": dataset.path, "train": checkpoint.path},
+                        outputs={"evaluate": evaluation.path}, metrics=metrics) as ws:
+        result = evaluate(ws.params, progress=True)
+        print(result.gate.summary())
+    return bool(result.passed)

@@ -325,3 +325,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"registered {out['model']} v{out['version']} @{out['alias']} (gate {out['gate']}); "
               f"classifier {out['classifier']} v{out['classifier_version']}")
     return 0
+
+
+# --------------------------------------------------------------------------------------
+# Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
+# --------------------------------------------------------------------------------------
+from kfp.dsl import Artifact, Input, Model  # noqa: E402
+
+from pipelines.component import step_component  # noqa: E402
+
+
+@step_component
+def register_component(profile: str, overrides: list, promote: bool, evaluation: Input[Artifact], onnx: Input[Model]) -> str:
+    """KFP: register the ONNX generator as ``candidate``; with ``promote``, move ``champion`` to it."""
+    from components.register import promote as promote_version
+    from components.register import register
+    from pipelines.workspace import step_workspace
+
+    with step_workspace(profile, overrides, inputs={"evaluate": evaluation.path, "export": onnx.path}) as ws:
+        record = register(ws.params)
+        print(f"registered {record['model']} version {record['version']} (@{record['alias']}, gate {record['gate']})")
+        if promote:
+            promote_version(ws.params, int(record["version"]))
+    return str(record["version"])

@@ -95,3 +95,24 @@ def run(args: argparse.Namespace) -> int:
         brief = {k: summary.get(k) for k in ("variant", "kimg", "complete", "G_ema", "seconds", "mlflow_run_id")}
         print(json.dumps(brief, indent=2))
     return 0
+
+
+# --------------------------------------------------------------------------------------
+# Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
+# --------------------------------------------------------------------------------------
+from kfp.dsl import Dataset, Input, Metrics, Model, Output  # noqa: E402
+
+from pipelines.component import step_component  # noqa: E402
+
+
+@step_component
+def train_component(profile: str, overrides: list, resolution: int, dataset: Input[Dataset], checkpoint: Output[Model],
+                    metrics: Output[Metrics], previous: Input[Model] = None):
+    """KFP: one progressive stage at ``resolution``, resuming from the ``previous`` stage's checkpoint."""
+    from components.train import train
+    from pipelines.workspace import log_metrics, step_workspace
+
+    inputs = {"dataset": dataset.path, "train": previous.path if previous else None}
+    with step_workspace(profile, overrides, inputs=inputs, outputs={"train": checkpoint.path}) as ws:
+        summary = train(ws.params, ws.root / "dataset", ws.root / "train", stage=resolution)
+        log_metrics(metrics, {"kimg": summary.get("kimg"), "seconds": summary.get("seconds"), **(summary.get("last") or {})})

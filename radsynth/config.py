@@ -238,6 +238,27 @@ class WebConfig:
 class PipelineConfig:
     """`pipeline:` Kubeflow image, resources, DVC wiring (owner: pipelines/)."""
 
+    image: str = "ghcr.io/radsynth/radsynth"   # project image built from infra/Dockerfile
+    image_tag: str = "0.1.0"                   # pin a release or a git sha; never "latest"
+    image_pull_policy: str = "IfNotPresent"    # Always | IfNotPresent | Never
+    namespace: str = "kubeflow"                # Kubernetes namespace of runs and PVCs
+    experiment: str = "radsynth"               # KFP experiment the runs are filed under
+    host: str = ""                             # KFP API URL for submit; "" -> --host or $KFP_HOST
+    mlflow_uri: str = ""                       # tracking URI inside the cluster; "" -> paths.mlflow_uri
+    data_pvc: str = ""                         # PVC holding the DVC-pulled export; "" -> no mount
+    data_mount: str = "/mnt/data"              # where data_pvc is mounted in every task
+    salt_secret: str = ""                      # Secret whose key RADSYNTH_SALT feeds ingest's salt ("" -> none)
+    train_gpus: int = 0                        # GPUs per training-stage task; 0 -> CPU only
+    gpu_resource: str = "nvidia.com/gpu"       # accelerator resource name
+    gpu_node_selector: str = ""                # "label=value" that training nodes carry ("" -> any)
+    gpu_toleration: str = ""                   # taint key tolerated by training tasks ("" -> none)
+    train_cpu: str = "2"                       # CPU limit of a training-stage task
+    train_memory: str = "8Gi"                  # memory limit of a training-stage task
+    step_cpu: str = "2"                        # CPU limit of every other task
+    step_memory: str = "8Gi"                   # memory limit of every other task
+    shm_size: str = "2Gi"                      # /dev/shm (memory emptyDir) for training tasks
+    timeout_s: int = 86400                     # per-task active deadline on the cluster
+
 
 @dataclasses.dataclass(frozen=True)
 class Params:

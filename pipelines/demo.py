@@ -1,0 +1,244 @@
+"""``make demo``: the whole job on the sample export, then Triton and the web app, until Ctrl-C.
+
+Steps (each prints what it does; long ones show their own progress bars):
+
+1. ``dvc repro`` on the profile (default ``cpu``): ingest -> preprocess -> validate -> train ->
+   evaluate (gate) -> export -> register. Stages whose inputs did not change are skipped, so
+   a second ``make demo`` reuses what is done.
+2. ``radsynth promote``: ``champion`` moves to the new version when its gate passed; when the
+   gate failed, a plain message says which checks failed and the previous champion (if any)
+   stays in service.
+3. ``radsynth serve`` (Triton on the ``champion``), the MLflow UI, and ``radsynth web``; their
+   URLs are printed once each answers.
+4. Ctrl-C (or SIGTERM) stops every process this script started, newest first.
+
+Run from the project root: ``.venv/bin/python -m pipelines.demo [--profile cpu] [--no-serve]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+from radsynth.config import Params, load_params
+from radsynth.errors import RadsynthError
+
+MLFLOW_UI_PORT = 5000
+MLFLOW_SCRIPT = Path("mlflow") / "start-server.sh"
+
+
+class Demo:
+    """Starts child processes in their own process groups and stops them all on exit."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.children: list[tuple[str, subprocess.Popen]] = []
+
+    def run(self, what: str, argv: Sequence[str]) -> int:
+        """Run a command to completion in the foreground (its output goes to the terminal)."""
+        print(f"\n==> {what}: {' '.join(argv)}", flush=True)
+        return subprocess.run(list(argv), env=self.env).returncode
+
+    def start(self, name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a long-running service (``env`` added to the demo's); its output goes to ``log``."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"==> starting {name}: {' '.join(argv)}  (log: {log})", flush=True)
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen(list(argv), env={**self.env, **(env or {})}, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.children.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        """SIGTERM every child's process group (newest first), SIGKILL what is left after 15 s."""
+        for name, proc in reversed(self.children):
+            if proc.poll() is None:
+                print(f"stopping {name}", flush=True)
+                _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for _, proc in reversed(self.children):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        self.children.clear()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, name: str, log: Path) -> None:
+    """Poll ``url`` until it answers 2xx; fail early when ``proc`` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RadsynthError(f"{name} exited with status {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if 200 <= resp.status < 300:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    raise RadsynthError(f"{name} did not answer at {url} within {timeout_s:.0f} s; see {log}")
+
+
+def dvc_profile(path: str | os.PathLike = "params.yaml") -> str:
+    """The profile DVC stages use: the ``profile:`` key of params.yaml."""
+    import yaml
+
+    return str((yaml.safe_load(Path(path).read_text()) or {}).get("profile", "cpu"))
+
+
+def gate_report(params: Params) -> tuple[bool | None, str]:
+    """The gate verdict and a one-paragraph reason from ``<artifacts>/evaluate/gate.json``."""
+    path = Path(params.paths.artifacts) / "evaluate" / "gate.json"
+    if not path.is_file():
+        return None, "no gate report"
+    gate = json.loads(path.read_text())
+    failed = gate.get("failed") or []
+    lines = [str(f.get("detail", f)) if isinstance(f, dict) else str(f) for f in failed]
+    return bool(gate.get("passed")), "; ".join(lines) or "all checks passed"
+
+
+def has_alias(params: Params, model: str, alias: str) -> bool:
+    """Whether registered model ``model`` has ``alias`` in the configured registry."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from radsynth.tracking import setup_mlflow
+
+    setup_mlflow(params)
+    try:
+        MlflowClient().get_model_version_by_alias(model, alias)
+        return True
+    except MlflowException:
+        return False
+
+
+def serve_command(params: Params, with_encoder: bool) -> list[str]:
+    """``radsynth serve`` for the demo: the champion generator, the domain classifier's champion
+    (the web page shows its confidence) and, when this run's model was promoted, the encoder
+    trained for it (the web page maps an upload to z with it)."""
+    argv = ["radsynth", "serve", "--profile", params.profile]
+    models = list(params.serve.models)
+    classifier = params.registry.classifier_name
+    if classifier not in models and has_alias(params, classifier, params.registry.champion_alias):
+        models.append(classifier)
+    if models != list(params.serve.models):
+        argv += ["--set", "serve.models=[" + ", ".join(models) + "]"]
+    encoder = Path(params.paths.artifacts) / "encoder" / "encoder.onnx"
+    if with_encoder and encoder.is_file() and params.web.encoder_name not in models:
+        argv += ["--onnx", f"{params.web.encoder_name}={encoder.resolve()}"]
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), help="params profile (default cpu, or $PROFILE)")
+    parser.add_argument("--no-serve", action="store_true", help="stop after training, registration and promotion")
+    args = parser.parse_args(argv)
+
+    params = load_params(profile=args.profile)
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RADSYNTH_PROFILE": params.profile,
+           "PYTHONUNBUFFERED": "1", "GX_ANALYTICS_ENABLED": "false", "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path.cwd()), os.environ.get("PYTHONPATH", "")) if p)
+    logs = Path(params.paths.artifacts) / "demo"
+    demo = Demo(env)
+    started = time.monotonic()
+
+    def on_term(signum, frame):  # SIGTERM behaves like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+    try:
+        # dvc.yaml takes the profile from params.yaml's `profile:` key, so DVC reruns what a
+        # profile switch changes; a different --profile must be selected there.
+        selected = dvc_profile()
+        if params.profile != selected:
+            raise RadsynthError(f"params.yaml selects profile {selected!r}; set `profile: {params.profile}` there "
+                                "(DVC stages take the profile from params.yaml so that they rerun when it changes)")
+        status = demo.run(f"pipeline on the {params.profile} profile (finished stages are reused)", ["dvc", "repro"])
+        passed, reason = gate_report(params)
+        promoted = False
+        if status != 0 and passed is False:
+            print(f"\nThe evaluation gate FAILED, so this model was not registered or promoted: {reason}.\n"
+                  f"Full report: {Path(params.paths.artifacts) / 'evaluate' / 'gate.md'}", flush=True)
+        elif status != 0:
+            print(f"\nthe pipeline stopped with status {status} (its message is above)", file=sys.stderr)
+            return status
+        else:
+            print(f"\npipeline done in {time.monotonic() - started:.0f} s; gate passed ({reason})", flush=True)
+            promoted = demo.run("promote the new version to champion", ["radsynth", "promote", "--profile", params.profile]) == 0
+            if not promoted:
+                print("promotion refused (reason above); the previous champion, if any, stays in service", flush=True)
+        if args.no_serve:
+            return 0
+
+        if not has_alias(params, params.registry.model_name, params.registry.champion_alias):
+            print(f"nothing to serve: {params.registry.model_name} has no @{params.registry.champion_alias} yet "
+                  "(fix what the gate report says and run `make demo` again)", flush=True)
+            return 1
+        serve, web = params.serve, params.web
+        triton_log, web_log, mlflow_log = logs / "triton.log", logs / "web.log", logs / "mlflow.log"
+        triton = demo.start("Triton", serve_command(params, with_encoder=promoted), triton_log)
+        mlflow_proc = None
+        if params.paths.mlflow_uri.startswith("sqlite:///") and MLFLOW_SCRIPT.is_file():
+            # The UI over the same SQLite registry the pipeline wrote (a server URI needs none).
+            mlflow_env = {"MLFLOW_BACKEND_STORE_URI": params.paths.mlflow_uri,
+                          "MLFLOW_ARTIFACTS_DESTINATION": str(Path(params.paths.mlflow_artifacts).resolve()),
+                          "MLFLOW_PORT": str(MLFLOW_UI_PORT), "MLFLOW_WORKERS": "1"}
+            mlflow_proc = demo.start("MLflow UI", ["sh", str(MLFLOW_SCRIPT)], mlflow_log, env=mlflow_env)
+        wait_http(f"http://{serve.host}:{serve.http_port}/v2/health/ready", triton, serve.ready_timeout_s, "Triton", triton_log)
+        web_proc = demo.start("web app", ["radsynth", "web", "--profile", params.profile], web_log)
+        wait_http(f"http://{web.host}:{web.port}/", web_proc, 120, "web app", web_log)
+        if mlflow_proc is not None:
+            try:
+                wait_http(f"http://127.0.0.1:{MLFLOW_UI_PORT}/health", mlflow_proc, 60, "MLflow UI", mlflow_log)
+            except RadsynthError as exc:
+                print(f"(MLflow UI not available: {exc})", flush=True)
+                mlflow_proc = None
+
+        print("\n" + "=" * 72)
+        print(f"radsynth is up ({time.monotonic() - started:.0f} s):")
+        print(f"  web app        http://{web.host}:{web.port}/")
+        print(f"  Triton gRPC    {serve.host}:{serve.grpc_port}   HTTP http://{serve.host}:{serve.http_port}   "
+              f"metrics http://{serve.host}:{serve.metrics_port}/metrics")
+        if mlflow_proc is not None:
+            print(f"  MLflow UI      http://127.0.0.1:{MLFLOW_UI_PORT}/")
+        print(f"  try:           radsynth generate --condition <NAME> -n 4 --seed 7 --out artifacts/demo/samples")
+        print("Press Ctrl-C to stop everything.")
+        print("=" * 72, flush=True)
+        while True:
+            for name, proc in demo.children:
+                if proc.poll() is not None:
+                    raise RadsynthError(f"{name} exited with status {proc.returncode}; see {logs}")
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nCtrl-C: stopping", flush=True)
+        return 0
+    except RadsynthError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        demo.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Contracts that hold the seams together: one set of step names across DVC, Kubeflow and
+components/; every params key a DVC stage names exists; every pipeline compiles."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.radsynth_pipeline import STEPS, build_pipeline, component
+from radsynth.cli import COMMANDS
+from radsynth.config import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
+PROFILES = sorted(RAW["profiles"])
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def interpolate(text: str, profile: str) -> str:
+    """DVC's ${...} templating against params.yaml with ``profile`` selected."""
+    values = {**RAW, "profile": profile}
+
+    def lookup(match):
+        node = values
+        for part in match.group(1).split("."):
+            node = node[part]
+        return str(node)
+
+    return re.sub(r"\$\{([^}]+)\}", lookup, text)
+
+
+def has_key(tree: dict, dotted: str) -> bool:
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def test_same_step_names_in_dvc_kfp_and_components(tmp_path):
+    assert list(DVC["stages"]) == list(STEPS)
+    for step in STEPS:
+        assert (ROOT / "components" / f"{step}.py").is_file(), f"components/{step}.py missing"
+        assert step in COMMANDS, f"`radsynth {step}` is not a CLI command"
+        assert component(step).name == step
+    from kfp import compiler
+
+    path = tmp_path / "p.yaml"
+    compiler.Compiler().compile(build_pipeline(load_params(ROOT / "params.yaml", profile="tiny")), str(path))
+    ir = yaml.safe_load_all(path.read_text()).__next__()
+    tasks = set(ir["root"]["dag"]["tasks"])
+    for comp in ir["components"].values():
+        tasks |= set(comp.get("dag", {}).get("tasks", {}))
+    kfp_steps = {re.sub(r"-\d+$", "", t) for t in tasks if not t.startswith("condition")}
+    assert kfp_steps == set(STEPS)
+
+
+def test_every_step_module_declares_its_kfp_component():
+    """Per the layout: components/<step>.py = plain function + CLI + KFP component."""
+    import importlib
+
+    for step in STEPS:
+        module = importlib.import_module(f"components.{step}")
+        comp = getattr(module, f"{step}_component", None)
+        assert comp is not None, f"components/{step}.py has no {step}_component"
+        assert comp.component_spec.implementation.container.image.startswith(
+            load_params(ROOT / "params.yaml").pipeline.image + ":")
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_dvc_params_keys_exist(profile):
+    for name, stage in DVC["stages"].items():
+        for entry in stage.get("params", []):
+            keys = entry if isinstance(entry, str) else None
+            assert keys is not None, f"{name}: params from another file are not used here"
+            key = interpolate(keys, profile)
+            assert has_key(RAW, key), f"dvc.yaml stage {name!r} names params key {key!r}, missing from params.yaml ({profile})"
+
+
+def test_dvc_stages_run_their_step_with_the_selected_profile():
+    for name, stage in DVC["stages"].items():
+        assert stage["cmd"].split()[:4] == ["radsynth", name, "--profile", "${profile}"], stage["cmd"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_dvc_paths_resolve_and_deps_exist(profile):
+    outs = set()
+    for name, stage in DVC["stages"].items():
+        for dep in stage.get("deps", []):
+            dep = interpolate(dep, profile)
+            produced = any(dep == o or dep.startswith(o + "/") for o in outs)
+            assert produced or (ROOT / dep).exists(), f"{name}: dep {dep} is neither a source file nor an earlier output"
+        for out in stage.get("outs", []):
+            outs.add(interpolate(out if isinstance(out, str) else next(iter(out)), profile))
+    artifacts = RAW["paths"]["artifacts"]
+    for metric in DVC.get("metrics", []):
+        assert interpolate(metric, profile).startswith(artifacts + "/evaluate/")
+
+
+def test_training_params_only_invalidate_training_and_after():
+    """A change under `train:`/`model:` must not rerun ingest, preprocess or validate."""
+    before_train = ["ingest", "preprocess", "validate"]
+    for name in before_train:
+        for key in DVC["stages"][name].get("params", []):
+            section = interpolate(key, "cpu").split(".")
+            assert "train" not in section and "model" not in section, (name, key)
+    train_keys = [interpolate(k, "cpu") for k in DVC["stages"]["train"]["params"]]
+    assert {"train", "model", "profiles.cpu.train", "profiles.cpu.model"} <= set(train_keys)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_pipeline_compiles(tmp_path, profile):
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_pipeline(load_params(ROOT / "params.yaml", profile=profile)), str(tmp_path / "p.yaml"))
+    assert (tmp_path / "p.yaml").stat().st_size > 0
