@@ -130,20 +130,17 @@ def has_alias(params: Params, model: str, alias: str) -> bool:
         return False
 
 
-def serve_command(params: Params, with_encoder: bool) -> list[str]:
-    """``radsynth serve`` for the demo: the champion generator, the domain classifier's champion
-    (the web page shows its confidence) and, when this run's model was promoted, the encoder
-    trained for it (the web page maps an upload to z with it)."""
+def serve_command(params: Params) -> list[str]:
+    """``radsynth serve`` for the demo: the champion generator plus, when they have a champion,
+    the domain classifier (the web page shows its confidence) and the encoder trained for that
+    generator (the web page maps an upload to z with it); promotion moves all three together."""
     argv = ["radsynth", "serve", "--profile", params.profile]
     models = list(params.serve.models)
-    classifier = params.registry.classifier_name
-    if classifier not in models and has_alias(params, classifier, params.registry.champion_alias):
-        models.append(classifier)
+    for name in (params.registry.classifier_name, params.web.encoder_name):
+        if name not in models and has_alias(params, name, params.registry.champion_alias):
+            models.append(name)
     if models != list(params.serve.models):
         argv += ["--set", "serve.models=[" + ", ".join(models) + "]"]
-    encoder = Path(params.paths.artifacts) / "encoder" / "encoder.onnx"
-    if with_encoder and encoder.is_file() and params.web.encoder_name not in models:
-        argv += ["--onnx", f"{params.web.encoder_name}={encoder.resolve()}"]
     return argv
 
 
@@ -176,7 +173,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "(DVC stages take the profile from params.yaml so that they rerun when it changes)")
         status = demo.run(f"pipeline on the {params.profile} profile (finished stages are reused)", ["dvc", "repro"])
         passed, reason = gate_report(params)
-        promoted = False
         if status != 0 and passed is False:
             print(f"\nThe evaluation gate FAILED, so this model was not registered or promoted: {reason}.\n"
                   f"Full report: {Path(params.paths.artifacts) / 'evaluate' / 'gate.md'}", flush=True)
@@ -185,8 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return status
         else:
             print(f"\npipeline done in {time.monotonic() - started:.0f} s; gate passed ({reason})", flush=True)
-            promoted = demo.run("promote the new version to champion", ["radsynth", "promote", "--profile", params.profile]) == 0
-            if not promoted:
+            if demo.run("promote the new version to champion", ["radsynth", "promote", "--profile", params.profile]) != 0:
                 print("promotion refused (reason above); the previous champion, if any, stays in service", flush=True)
         if args.no_serve:
             return 0
@@ -197,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         serve, web = params.serve, params.web
         triton_log, web_log, mlflow_log = logs / "triton.log", logs / "web.log", logs / "mlflow.log"
-        triton = demo.start("Triton", serve_command(params, with_encoder=promoted), triton_log)
+        triton = demo.start("Triton", serve_command(params), triton_log)
         mlflow_proc = None
         if params.paths.mlflow_uri.startswith("sqlite:///") and MLFLOW_SCRIPT.is_file():
             # The UI over the same SQLite registry the pipeline wrote (a server URI needs none).

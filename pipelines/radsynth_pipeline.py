@@ -146,6 +146,7 @@ def build_pipeline(params: Params) -> Callable:
             _tracking(encoder, cfg)
             register = register_c(promote=promote, evaluation=evaluate.outputs["evaluation"],
                                   onnx=export.outputs["onnx"], **common)
+            register.after(encoder)  # promotion moves the encoder's champion with the generator's
             _limits(register, cfg.step_cpu, cfg.step_memory, cfg)
             _tracking(register, cfg)
 

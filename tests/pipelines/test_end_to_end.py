@@ -61,6 +61,7 @@ def test_kfp_local_run_registers_and_promotes(tmp_path, small_export, eval_cache
     versions = registered_versions(uri)
     assert [str(v.version) for v in versions] == ["1"] and versions[0].tags["gate"] == "passed"
     assert alias_version(uri, "champion") == "1"
+    assert alias_version(uri, "champion", "radsynth-encoder") == "1"   # promoted with its generator
 
 
 def make_dvc_project(tmp: Path, export: Path, cache: Path) -> Path:

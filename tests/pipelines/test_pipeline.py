@@ -67,6 +67,7 @@ def test_export_and_register_only_under_the_gate(tmp_path):
     inner = ir["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
     assert set(inner) == {"export", "encoder", "register"}
     assert inner["encoder"]["inputs"]["artifacts"]["onnx"]["taskOutputArtifact"]["producerTask"] == "export"
+    assert "encoder" in inner["register"]["dependentTasks"]   # promote finds the encoder for this generator
     assert inner["register"]["inputs"]["artifacts"]["onnx"]["taskOutputArtifact"]["producerTask"] == "export"
 
 
