@@ -59,9 +59,7 @@ test: $(STAMPS)/venv $(STAMPS)/sysdeps $(STAMPS)/data
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMPS)/venv $(STAMPS)/data
-	$(BIN)/radsynth ingest --profile $(PROFILE)
-	$(BIN)/radsynth preprocess --profile $(PROFILE)
-	$(BIN)/radsynth validate --profile $(PROFILE)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipelines.demo --profile $(PROFILE)
 
 clean:
 	rm -rf artifacts mlruns $(STAMPS)
