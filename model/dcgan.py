@@ -19,16 +19,13 @@ import torch
 from torch import nn
 
 from model.layers import LRELU_SLOPE, to_output_range
-from model.networks import channels_at, resolutions_up_to
+from model.networks import _Stageful, channels_at
 
 
-class _Fixed(nn.Module):
+class _Fixed(_Stageful):
+    """The stage interface of the progressive networks, pinned to (img_resolution, alpha=1)."""
+
     progressive = False
-
-    def _init_stage(self, img_resolution: int) -> None:
-        self.resolutions = resolutions_up_to(img_resolution)
-        self.resolution = img_resolution
-        self.alpha = 1.0
 
     def set_stage(self, resolution: int, alpha: float = 1.0) -> None:
         if resolution != self.img_resolution or alpha != 1.0:

@@ -34,3 +34,14 @@ def dicom_fixtures() -> Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"{FIXTURES} missing: shared/ must sit beside the checkout, as in CI")
     return FIXTURES
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread (reproducible reductions, no oversubscription of 2 cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

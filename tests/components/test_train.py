@@ -15,12 +15,7 @@ from tests.model.datasets import make_dataset
 OFF = ["--set", "train.tracking=false", "--set", "train.progress=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

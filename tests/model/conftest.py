@@ -15,8 +15,5 @@ def tiny_model_config(variant: str = "pgcgan-sa", **kw) -> ModelConfig:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every model test runs on one torch thread (see tests/conftest.py)."""
