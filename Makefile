@@ -48,7 +48,7 @@ $(STAMPS)/sysdeps:
 
 # The sample export, pinned by data.dvc, from the default DVC remote.
 $(STAMPS)/data: data.dvc $(STAMPS)/venv
-	$(BIN)/dvc pull -q
+	$(BIN)/dvc pull -q data.dvc
 	@touch $@
 
 env: $(STAMPS)/venv

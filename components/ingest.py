@@ -357,7 +357,7 @@ def ingest(params: Params, out_dir: str | os.PathLike | None = None, workers: in
     if cfg.source == "dicom":
         root = Path(cfg.dicom_dir)
         if not root.is_dir():
-            raise IngestError(f"DICOM folder {cfg.dicom_dir} not found; run `dvc pull` or set data.dicom_dir")
+            raise IngestError(f"DICOM folder {cfg.dicom_dir} not found; run `dvc pull data.dvc` or set data.dicom_dir")
         labels = read_labels(cfg.labels_csv, salt)
         tasks, worker = _list_files(root), _process_dicom
     elif cfg.source == "folders":
@@ -369,7 +369,7 @@ def ingest(params: Params, out_dir: str | os.PathLike | None = None, workers: in
     else:
         raise IngestError(f"data.source must be 'dicom' or 'folders', got {cfg.source!r}")
     if not tasks:
-        raise IngestError(f"no files under {root}; is the export there (dvc pull)?")
+        raise IngestError(f"no files under {root}; is the export there (dvc pull data.dvc)?")
 
     ctx = {
         "salt": salt,

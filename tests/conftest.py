@@ -25,7 +25,7 @@ def root() -> Path:
 def sample_export() -> Path:
     """The DVC-pulled sample export (``make test`` runs ``dvc pull`` first)."""
     if not (SAMPLE / "labels.csv").is_file():
-        pytest.fail("data/ is empty: run `make test` (it runs `dvc pull`) or `.venv/bin/dvc pull`")
+        pytest.fail("data/ is empty: run `make test` (it runs `dvc pull`) or `.venv/bin/dvc pull data.dvc`")
     return SAMPLE
 
 

@@ -58,7 +58,7 @@ def run_cli(step: str, sets: list[str], *extra: str) -> tuple[int, str]:
 @functools.cache
 def sample_run() -> SampleRun:
     if not (SAMPLE / "labels.csv").is_file():
-        raise RuntimeError("data/ is empty: run `make test` (it runs `dvc pull`) or `.venv/bin/dvc pull`")
+        raise RuntimeError("data/ is empty: run `make test` (it runs `dvc pull`) or `.venv/bin/dvc pull data.dvc`")
     tmp = Path(tempfile.mkdtemp(prefix="radsynth-ingest-"))
     atexit.register(shutil.rmtree, tmp, True)
     salt_file = tmp / "salt"
