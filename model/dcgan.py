@@ -48,11 +48,7 @@ class DCGANGenerator(_Fixed):
         output: str = "tanh",                       # tanh | clamp
     ):
         super().__init__()
-        self._init_stage(img_resolution)
-        self.z_dim, self.num_classes = z_dim, num_classes
-        self.img_resolution, self.img_channels = img_resolution, img_channels
-        self.output = output
-        to_output_range(torch.zeros(1), output)
+        self._init_generator(z_dim, num_classes, img_resolution, img_channels, output)
         nf = lambda r: channels_at(r, fmap_base, fmap_max, fmap_min)  # noqa: E731
         self.embed = nn.Embedding(num_classes, label_dim)
         self.input = nn.Linear(z_dim + label_dim, nf(4) * 16)

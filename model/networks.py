@@ -58,6 +58,14 @@ class _Stageful(nn.Module):
         self.resolution = img_resolution
         self.alpha = 1.0
 
+    def _init_generator(self, z_dim: int, num_classes: int, img_resolution: int, img_channels: int, output: str) -> None:
+        """Stage state plus the attributes every generator exposes; validates ``output`` early."""
+        self._init_stage(img_resolution)
+        self.z_dim, self.num_classes = z_dim, num_classes
+        self.img_resolution, self.img_channels = img_resolution, img_channels
+        self.output = output
+        to_output_range(torch.zeros(1), output)
+
     def set_stage(self, resolution: int, alpha: float = 1.0) -> None:
         """Run at ``resolution`` with fade-in weight ``alpha`` in [0, 1]."""
         if resolution not in self.resolutions:
@@ -87,11 +95,7 @@ class ProgressiveGenerator(_Stageful):
         output: str = "tanh",                       # tanh | clamp
     ):
         super().__init__()
-        self._init_stage(img_resolution)
-        self.z_dim, self.num_classes = z_dim, num_classes
-        self.img_resolution, self.img_channels = img_resolution, img_channels
-        self.output = output
-        to_output_range(torch.zeros(1), output)  # validates the mode early
+        self._init_generator(z_dim, num_classes, img_resolution, img_channels, output)
         nf = lambda r: channels_at(r, fmap_base, fmap_max, fmap_min)  # noqa: E731
         eq = equalized_lr
         self.embed = nn.Embedding(num_classes, label_dim)
