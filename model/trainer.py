@@ -343,6 +343,12 @@ class Trainer:
         self.reals = {r: torch.from_numpy(np.ascontiguousarray(self.dataset.images(r, split="train"))).to(self.device)
                       for r in sorted(needed)}                                          # {R: uint8 [N, C, R, R]}
         self.num_train = int(self.labels.shape[0])
+        # Class-balanced draws: indices sorted by class, each class's [start, start + count) slice.
+        counts = torch.bincount(self.labels.cpu(), minlength=self.dataset.num_classes)
+        self._by_class = torch.argsort(self.labels.cpu(), stable=True)                   # [N]
+        self._class_start = torch.cumsum(counts, 0) - counts                             # [K]
+        self._class_count = counts                                                       # [K]
+        self._present = torch.nonzero(counts).flatten()                                  # classes with images
 
     def _real_batch(self, idx: torch.Tensor, stage: Stage, alpha: float) -> torch.Tensor:
         """Real images [n, C, R, R] in [-1, 1] (``radsynth.dataset.to_float`` arithmetic)."""
@@ -357,7 +363,12 @@ class Trainer:
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp)
 
     def _draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx = torch.randint(self.num_train, (n,), generator=self.gen)
+        if self.cfg.balanced_classes:
+            k = self._present[torch.randint(len(self._present), (n,), generator=self.gen)]   # [n] uniform classes
+            offset = (torch.rand(n, generator=self.gen) * self._class_count[k]).long()
+            idx = self._by_class[self._class_start[k] + offset]
+        else:
+            idx = torch.randint(self.num_train, (n,), generator=self.gen)
         z = torch.randn(n, self.G.z_dim, generator=self.gen)
         u = torch.rand(n, 1, 1, 1, generator=self.gen)
         return idx.to(self.device), z.to(self.device), u.to(self.device)
@@ -381,7 +392,7 @@ class Trainer:
             loss_d.backward()
             _allreduce_mean([p.grad for p in self.D.parameters() if p.grad is not None], self.dist.world)
             self.opt_D.step()
-        # generator step (classes drawn from the training label distribution)
+        # generator step (classes drawn like the critic's: data frequency, or uniform when balanced)
         self.G.requires_grad_(True)
         self.D.requires_grad_(False)
         idx, z, _ = self._draw(n)

@@ -113,6 +113,7 @@ class TrainConfig:
     ema_beta: float = 0.999                    # G_ema <- beta * G_ema + (1 - beta) * G, every G step
     device: str = "auto"                       # auto | cpu | cuda | cuda:N
     threads: int = 0                           # torch CPU threads; 0: torch's default (all cores)
+    balanced_classes: bool = False             # draw training classes uniformly (else at data frequency)
     amp: bool = True                           # bfloat16 autocast on CUDA (ignored on CPU)
     checkpoint_kimg: float = 50.0              # periodic checkpoint interval (also at every stage end)
     log_kimg: float = 5.0                      # metrics / progress interval

@@ -182,3 +182,19 @@ def test_missing_levels_is_a_clear_error(root, tmp_path):
     ds = make_dataset(tmp_path / "ds8", res=8)
     with pytest.raises(TrainingError, match="lacks levels"):
         train(tiny(root), ds.root, tmp_path / "out")
+
+
+@pytest.mark.parametrize("balanced, expected_share", [(False, (0.9, 0.05, 0.05)), (True, (1 / 3, 1 / 3, 1 / 3))])
+def test_class_draws_follow_the_data_or_are_balanced(root, tmp_path, balanced, expected_share):
+    from model.trainer import Trainer
+    from radsynth.dataset import save_dataset
+
+    labels = [0] * 36 + [1] * 2 + [2] * 2                       # a 90/5/5 imbalanced training split
+    rng = np.random.default_rng(0)
+    levels = {r: rng.integers(0, 256, (40, 1, r, r), dtype=np.uint8) for r in (4, 8, 16)}
+    ds = save_dataset(tmp_path / "ds", levels, [f"p{i}" for i in range(40)], labels, ["train"] * 40, ["A", "B", "C"])
+    tr = Trainer(tiny(root, **{"train.balanced_classes": balanced}), ds, tmp_path / "out")
+    idx, _, _ = tr._draw(6000)
+    share = np.bincount(tr.labels[idx].numpy(), minlength=3) / 6000
+    np.testing.assert_allclose(share, expected_share, atol=0.03)
+    assert set(idx[tr.labels[idx] == 1].tolist()) == {36, 37}   # draws stay inside their class
