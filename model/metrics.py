@@ -42,6 +42,7 @@ from radsynth import metric_keys as mk
 from radsynth.config import EvalConfig
 from radsynth.dataset import Dataset, DatasetError
 from radsynth.errors import RadsynthError
+from radsynth.io import sha256_file, sha256_files
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_SHA256_PREFIX = "6726825d"     # the file name's hash suffix (torch hub convention: sha256 prefix)
@@ -81,12 +82,7 @@ class MetricsResult:
 
 def dataset_identity(dataset: Dataset, res: int) -> str:
     """sha256 over ``dataset.json``, ``manifest.csv`` and ``images_<res>.npy`` (the data version)."""
-    digest = hashlib.sha256()
-    for name in ("dataset.json", "manifest.csv", f"images_{res}.npy"):
-        with open(dataset.root / name, "rb") as fh:
-            while block := fh.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()
+    return sha256_files(dataset.root / name for name in ("dataset.json", "manifest.csv", f"images_{res}.npy"))
 
 
 def real_splits(dataset: Dataset, res: int | None = None) -> RealSplits:
@@ -328,7 +324,6 @@ def compute_metrics(
     """
     from tqdm import tqdm
 
-    from radsynth.io import sha256_file
 
     generated = np.asarray(generated)
     gen_labels = np.asarray(gen_labels, dtype=np.int64)
