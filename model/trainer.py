@@ -97,6 +97,16 @@ def batch_at(cfg: TrainConfig, res: int) -> int:
     return int(cfg.batch_per_resolution.get(res, cfg.batch_size))
 
 
+def kimg_at(cfg: TrainConfig, res: int) -> tuple[float, float]:
+    """(fade, stabilize) kimg of the stage at ``res``: ``kimg_per_resolution`` or the defaults."""
+    if res not in cfg.kimg_per_resolution:
+        return float(cfg.kimg_fade), float(cfg.kimg_stabilize)
+    pair = cfg.kimg_per_resolution[res]
+    if len(pair) != 2 or min(pair) < 0:
+        raise TrainingError(f"train.kimg_per_resolution.{res} must be [fade_kimg, stabilize_kimg] (two numbers >= 0), got {list(pair)}")
+    return float(pair[0]), float(pair[1])
+
+
 def build_schedule(cfg: TrainConfig, img_resolution: int, progressive: bool) -> list[Stage]:
     """The stages of a run (see module docstring)."""
     res0 = cfg.start_resolution
@@ -106,7 +116,7 @@ def build_schedule(cfg: TrainConfig, img_resolution: int, progressive: bool) -> 
         raise TrainingError(f"train.n_critic must be >= 1, got {cfg.n_critic}")
 
     def iters(kimg: float, batch: int) -> int:
-        return int(math.ceil(kimg * 1000.0 / (cfg.n_critic * batch))) if kimg > 0 else 0
+        return int(math.ceil(round(kimg * 1000.0 / (cfg.n_critic * batch), 6))) if kimg > 0 else 0
 
     resolutions = []
     r = res0
@@ -120,11 +130,13 @@ def build_schedule(cfg: TrainConfig, img_resolution: int, progressive: bool) -> 
         stages = []
         for i, r in enumerate(resolutions):
             b = batch_at(cfg, r)
-            stages.append(Stage(r, b, 0 if i == 0 else iters(cfg.kimg_fade, b), iters(cfg.kimg_stabilize, b), cfg.n_critic * b))
+            fade, stabilize = kimg_at(cfg, r)
+            stages.append(Stage(r, b, 0 if i == 0 else iters(fade, b), iters(stabilize, b), cfg.n_critic * b))
         if stages[0].total_iters == 0:
-            raise TrainingError("train.kimg_stabilize must be > 0")
+            raise TrainingError(f"train.kimg_stabilize (or train.kimg_per_resolution.{res0}) must be > 0 for the first stage")
         return stages
-    total_kimg = cfg.kimg_stabilize * len(resolutions) + cfg.kimg_fade * (len(resolutions) - 1)
+    # One full-resolution stage with the same real-image budget as the progressive schedule.
+    total_kimg = sum(kimg_at(cfg, r)[1] + (kimg_at(cfg, r)[0] if i else 0.0) for i, r in enumerate(resolutions))
     b = batch_at(cfg, img_resolution)
     n = iters(total_kimg, b)
     if n == 0:

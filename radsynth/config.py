@@ -90,6 +90,7 @@ class ModelConfig:
     pixel_norm: bool = True                    # PG-GAN pixel-wise feature normalisation in G
     mbstd_group: int = 4                       # minibatch stddev group size in D (0: off)
     output: str = "tanh"                       # G output to [-1, 1]: tanh | clamp
+    class_modulation: bool = False             # pgcgan-sa G: class embedding scales/shifts every block's features
     dcgan_conditioning: str = "projection"     # dcgan D: projection | concat (label map on input)
 
 
@@ -103,6 +104,7 @@ class TrainConfig:
     kimg_stabilize: float = 600.0              # kimg per stabilise phase (alpha 1); first stage: only this
     batch_size: int = 32                       # default minibatch (global, split over DDP ranks)
     batch_per_resolution: dict[int, int] = dataclasses.field(default_factory=dict)  # {res: batch} overrides
+    kimg_per_resolution: dict[int, tuple[float, ...]] = dataclasses.field(default_factory=dict)  # {res: [fade, stabilize]} overrides
     lr_g: float = 1e-4                         # Adam learning rate of G
     lr_d: float = 1e-4                         # Adam learning rate of D
     beta1: float = 0.5                         # Adam beta1

@@ -73,6 +73,19 @@ def test_schedule_iterations_alpha_and_baseline_budget():
         build_schedule(TrainConfig(start_resolution=32), 16, progressive=True)
 
 
+def test_per_resolution_kimg_overrides_the_defaults_and_the_baseline_budget_follows():
+    cfg = TrainConfig(start_resolution=4, kimg_fade=0.4, kimg_stabilize=0.8, batch_size=16, n_critic=5,
+                      kimg_per_resolution={4: (0.0, 1.6), 16: (0.8, 0.0)})
+    prog = build_schedule(cfg, 16, progressive=True)
+    assert [(s.resolution, s.fade_iters, s.stabilize_iters) for s in prog] == [(4, 0, 20), (8, 5, 10), (16, 10, 0)]
+    base = build_schedule(cfg, 16, progressive=False)
+    assert base[0].kimg == pytest.approx(1.6 + (0.4 + 0.8) + 0.8)
+    with pytest.raises(TrainingError, match=r"kimg_per_resolution\.8 must be \[fade_kimg, stabilize_kimg\]"):
+        build_schedule(TrainConfig(kimg_per_resolution={8: (1.0,)}), 16, progressive=True)
+    with pytest.raises(TrainingError, match="first stage"):
+        build_schedule(TrainConfig(kimg_per_resolution={4: (0.0, 0.0)}), 16, progressive=True)
+
+
 def test_real_batch_scaling_matches_to_float(root, dataset, tmp_path):
     from model.trainer import Trainer
 
