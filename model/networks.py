@@ -93,7 +93,6 @@ class ProgressiveGenerator(_Stageful):
         equalized_lr: bool = True,                  # runtime He scaling
         pixel_norm: bool = True,                    # per-pixel feature normalisation
         output: str = "tanh",                       # tanh | clamp
-        class_modulation: bool = False,             # class-conditional scale/shift after every block
     ):
         super().__init__()
         self._init_generator(z_dim, num_classes, img_resolution, img_channels, output)
@@ -105,7 +104,6 @@ class ProgressiveGenerator(_Stageful):
         self.blocks = nn.ModuleDict()
         self.to_rgb = nn.ModuleDict()
         self.attention = nn.ModuleDict()
-        self.modulation = nn.ModuleDict()
         for res in self.resolutions:
             c_in = nf(4) if res == 4 else nf(res // 2)
             if res == 4:
@@ -118,21 +116,12 @@ class ProgressiveGenerator(_Stageful):
             if res in attention_resolutions:
                 self.attention[str(res)] = SelfAttention(nf(res), equalized=eq)
             self.to_rgb[str(res)] = EqualizedConv2d(nf(res), img_channels, 1, gain=1.0, equalized=eq)
-            if class_modulation:
-                # Conditional normalisation (as in projection-cGAN generators): the class embedding
-                # gives a per-channel scale and shift; zero weights start it as the identity.
-                mod = EqualizedLinear(label_dim, 2 * nf(res), gain=1.0, equalized=eq)
-                nn.init.zeros_(mod.weight)
-                self.modulation[str(res)] = mod
 
-    def _block(self, res: int, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    def _block(self, res: int, x: torch.Tensor) -> torch.Tensor:
         if res > 4:
             x = upsample2x(x)
         for conv in self.blocks[str(res)]:
             x = self.norm(lrelu(conv(x)))
-        if str(res) in self.modulation:
-            gamma, beta = self.modulation[str(res)](e)[:, :, None, None].chunk(2, dim=1)  # [N, C_r, 1, 1] each
-            x = x * (1.0 + gamma) + beta
         if str(res) in self.attention:
             x = self.attention[str(res)](x)
         return x
@@ -140,15 +129,14 @@ class ProgressiveGenerator(_Stageful):
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Args: z [N, z_dim] float, c [N] int64. Returns [N, C, R, R] in [-1, 1]."""
         res, alpha = self.resolution, self.alpha
-        e = self.embed(c)                                                # [N, label_dim]
-        h = self.norm(torch.cat([z, e], dim=1))                          # [N, z_dim + label_dim]
+        h = self.norm(torch.cat([z, self.embed(c)], dim=1))             # [N, z_dim + label_dim]
         x = self.norm(lrelu(self.input(h))).reshape(z.shape[0], -1, 4, 4)  # [N, C4, 4, 4]
         prev = x
         for r in self.resolutions:
             if r > res:
                 break
             prev = x
-            x = self._block(r, x, e)                                     # [N, C_r, r, r]
+            x = self._block(r, x)                                        # [N, C_r, r, r]
         out = self.to_rgb[str(res)](x)                                   # [N, C, R, R]
         if res > 4 and alpha < 1.0:
             old = upsample2x(self.to_rgb[str(res // 2)](prev))           # [N, C, R, R]

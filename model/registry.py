@@ -36,7 +36,7 @@ def _build_pgcgan_sa(cfg: ModelConfig, num_classes: int, img_channels: int, img_
     G = ProgressiveGenerator(
         z_dim=cfg.z_dim, num_classes=num_classes, img_resolution=img_resolution, img_channels=img_channels,
         label_dim=cfg.label_dim, attention_resolutions=cfg.attention_resolutions, equalized_lr=cfg.equalized_lr,
-        pixel_norm=cfg.pixel_norm, output=cfg.output, class_modulation=cfg.class_modulation, **fmaps,
+        pixel_norm=cfg.pixel_norm, output=cfg.output, **fmaps,
     )
     D = ProgressiveDiscriminator(
         num_classes=num_classes, img_resolution=img_resolution, img_channels=img_channels,

@@ -90,7 +90,6 @@ class ModelConfig:
     pixel_norm: bool = True                    # PG-GAN pixel-wise feature normalisation in G
     mbstd_group: int = 4                       # minibatch stddev group size in D (0: off)
     output: str = "tanh"                       # G output to [-1, 1]: tanh | clamp
-    class_modulation: bool = False             # pgcgan-sa G: class embedding scales/shifts every block's features
     dcgan_conditioning: str = "projection"     # dcgan D: projection | concat (label map on input)
 
 
@@ -145,7 +144,8 @@ class EvalConfig:
     tstr_steps: int = 200                      # TSTR / TRTR classifiers: optimiser steps (same recipe otherwise)
     memorisation_percentile: float = 1.0       # test-to-train percentile used as "too close"
     cache_dir: str = ""                        # real-image features + classifier per data version; "": <artifacts>/cache
-    gate_min_cond_acc: float = 0.5             # per condition: classifier accuracy on generated
+    gate_min_cond_acc: float = 0.5             # per condition: classifier accuracy on generated, absolute floor
+    gate_cond_acc_ratio: float = 0.0           # ... and at least this fraction of its accuracy on real images (0: off)
     gate_max_fid_ratio: float = 10.0           # per condition: fid_domain <= ratio * max(ref, floor)
     gate_fid_floor: float = 0.5                # floor of the real-vs-real reference in that ratio
     gate_max_diversity: float = 0.9            # per condition: MS-SSIM among generated (collapse)

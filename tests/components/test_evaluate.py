@@ -47,6 +47,24 @@ def test_gate_names_the_failed_condition_and_the_gap():
     assert "memorisation_share: not computed" in gate.summary()
 
 
+def test_condition_accuracy_minimum_is_relative_to_the_real_accuracy_of_that_condition():
+    from radsynth.config import EvalConfig
+
+    cfg = EvalConfig(gate_min_cond_acc=0.4, gate_cond_acc_ratio=0.75)
+    values = {mk.per_class(mk.COND_ACC, "A"): 0.49, mk.per_class(mk.REAL_ACC, "A"): 0.62,    # minimum 0.465: pass
+              mk.per_class(mk.COND_ACC, "B"): 0.60, mk.per_class(mk.REAL_ACC, "B"): 0.90,    # minimum 0.675: fail
+              mk.per_class(mk.COND_ACC, "C"): 0.38, mk.per_class(mk.REAL_ACC, "C"): 0.40,    # floor 0.4: fail
+              mk.per_class(mk.COND_ACC, "D"): 0.90}                                           # no real accuracy: fail
+    checks = {c.condition: c for c in ev.apply_gate(values, list("ABCD"), cfg).checks if c.metric.startswith(mk.COND_ACC)}
+    assert checks["A"].passed and checks["A"].threshold == pytest.approx(0.465)
+    assert not checks["B"].passed and checks["B"].threshold == pytest.approx(0.675)
+    assert "0.75 x its accuracy on real images 0.9" in checks["B"].detail
+    assert not checks["C"].passed and checks["C"].threshold == pytest.approx(0.4)
+    assert not checks["D"].passed
+    off = ev.apply_gate(values, ["B"], EvalConfig(gate_min_cond_acc=0.5, gate_cond_acc_ratio=0.0))
+    assert [c.passed for c in off.checks if c.metric.startswith(mk.COND_ACC)] == [True]
+
+
 def test_untrained_generator_fails_the_gate_and_the_cli_exits_nonzero(world, capsys):
     root, params, dataset = world
     gen = save_tiny_generator(root / "train" / "G_ema.safetensors")

@@ -123,22 +123,3 @@ def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="only at"):
         G.set_stage(8, 1.0)
 
-
-def test_class_modulation_starts_as_identity_then_conditions_every_block():
-    plain, _ = build_networks(tiny_model_config(), CLASSES, 1, 16, seed=5)
-    mod, _ = build_networks(tiny_model_config(class_modulation=True), CLASSES, 1, 16, seed=5)
-    assert sorted(mod.modulation) == ["16", "4", "8"] and len(plain.modulation) == 0
-    missing, unexpected = mod.load_state_dict(plain.state_dict(), strict=False)
-    assert unexpected == [] and all(k.startswith("modulation.") for k in missing)
-    z, c = inputs()
-    assert torch.equal(mod(z, c), plain(z, c))          # zero-initialised: the identity
-    with torch.no_grad():                               # give only the 8x8 block a class-dependent scale
-        mod.modulation["8"].weight.normal_()
-    assert not torch.allclose(mod(z, c), plain(z, c), atol=1e-4)
-    c_same = torch.zeros(N, dtype=torch.long)
-    before = mod(z, c_same) - mod(z, torch.full((N,), 2))
-    assert before.abs().mean() > 1e-3
-    mod.set_stage(8, 1.0)
-    prev = mod(z, c)
-    mod.set_stage(16, 0.0)
-    assert torch.equal(mod(z, c), upsample2x(prev))     # fade-in property holds with modulation on
