@@ -136,6 +136,7 @@ def _batch_throughput(call, batch: int, duration: float) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="cpu", help="params profile whose model: section is used (default cpu)")
+    ap.add_argument("--variant", default="", help="model.variant to build (default: the profile's)")
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--duration", type=float, default=4.0, help="seconds measured per cell")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -151,7 +152,8 @@ def main() -> int:
     from serving.repository import build_repository
     from serving.server import TritonServer, free_port
 
-    params = load_params(ROOT / "params.yaml", profile=args.profile)
+    params = load_params(ROOT / "params.yaml", profile=args.profile,
+                         overrides={"model.variant": args.variant} if args.variant else None)
     G, _ = build_networks(params.model, len(CLASSES), 1, args.resolution, seed=0)
     G.eval().requires_grad_(False)
     work = Path(tempfile.mkdtemp(prefix="radsynth-bench-"))
