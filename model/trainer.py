@@ -136,7 +136,8 @@ def build_schedule(cfg: TrainConfig, img_resolution: int, progressive: bool) -> 
             raise TrainingError(f"train.kimg_stabilize (or train.kimg_per_resolution.{res0}) must be > 0 for the first stage")
         return stages
     # One full-resolution stage with the same real-image budget as the progressive schedule.
-    total_kimg = sum(kimg_at(cfg, r)[1] + (kimg_at(cfg, r)[0] if i else 0.0) for i, r in enumerate(resolutions))
+    budgets = [kimg_at(cfg, r) for r in resolutions]                 # [(fade, stabilize)] per resolution
+    total_kimg = sum(stabilize + (fade if i else 0.0) for i, (fade, stabilize) in enumerate(budgets))
     b = batch_at(cfg, img_resolution)
     n = iters(total_kimg, b)
     if n == 0:
