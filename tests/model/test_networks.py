@@ -122,4 +122,3 @@ def test_bad_config_is_a_clear_error():
     G, _ = build_networks(tiny_model_config("dcgan"), CLASSES, 1, 16)
     with pytest.raises(ValueError, match="only at"):
         G.set_stage(8, 1.0)
-
