@@ -1,10 +1,14 @@
 """Step ``register`` and the commands ``promote`` / ``rollback``: the MLflow model registry.
 
-* ``register``: logs the exported ONNX generator (``mlflow.onnx.log_model``, a directory
+* ``register``: when the evaluation gate failed (or the export was refused) registers nothing and
+  records the refusal in ``register.json`` (``{"registered": false, "refused": true, "reason": ...}``;
+  the CLI exits 0 with ``--allow-refusal``, as DVC runs it, else 1). Otherwise it logs the
+  exported ONNX generator (``mlflow.onnx.log_model``, a directory
   with ``model.onnx``) as a new version of ``registry.model_name`` in a run that holds the
   evaluation metrics, tags the version (``onnx_sha256``, ``classes``, ``z_dim``,
   ``img_resolution``, ``img_channels``, ``variant``, ``git_commit``, ``data_md5``,
-  ``params_digest``, ``gate``, ``classifier_version``) and points alias ``candidate`` at it.
+  ``params_digest``, ``gate``, ``gate_level``, ``release_passed``, ``classifier_version``) and points
+  alias ``candidate`` at it.
   The domain classifier ONNX is registered beside it as ``registry.classifier_name``.
 * ``promote``: moves ``champion`` to a version (default: the ``candidate``) only when its
   gate passed, and says why it refuses otherwise; the classifier's ``champion`` follows, and so
@@ -73,7 +77,8 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
             (default ``<artifacts>/evaluate``).
 
     Returns:
-        ``{"model": name, "version": int, "gate": "passed"|"failed", "run_id": ..., "classifier_version": int}``.
+        ``{"model": name, "version": int, "gate": "passed", "run_id": ..., "classifier_version": int}``, or
+        ``{"registered": False, "refused": True, "reason": ...}`` when the gate failed (nothing registered).
     """
     import mlflow
 
@@ -85,7 +90,16 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
     art = Path(params.paths.artifacts)
     export_dir = Path(export_dir or art / "export")
     eval_dir = Path(eval_dir or art / "evaluate")
+    from components.evaluate import refusal
+
+    refused = refusal(eval_dir, STEP)
     record = _read(export_dir / "export.json", "export")
+    if refused is None and record.get("refused"):
+        refused = {**record, "step": STEP}
+    if refused is not None:
+        out = {**refused, "registered": False}
+        write_json(art / STEP / "register.json", out)
+        return out
     onnx_path = export_dir / record.get("file", "generator.onnx")
     if not onnx_path.is_file():
         raise RegistryError(f"{onnx_path}: missing; run `radsynth export` first")
@@ -109,6 +123,7 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
         "data_md5": meta.get("data_md5") if meta.get("data_md5") not in (None, "", "unknown") else prov["data_md5"],
         "params_digest": meta.get("params_digest") if meta.get("params_digest") not in (None, "", "unknown") else prov["params_digest"],
         "gate": verdict, "gate_failed": json.dumps(gate.get("failed", [])), "opset": str(record.get("opset", "")),
+        "gate_level": str(gate.get("level", "release")), "release_passed": str(bool(gate.get("release_passed", gate.get("passed")))).lower(),
         "profile": params.profile,
     }
     client = _client(params)
@@ -137,7 +152,7 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
     for k, v in {**tags, "run_id": run.info.run_id, "classifier_version": str(clf_version or "")}.items():
         client.set_model_version_tag(name, str(version), k, str(v))
     client.set_registered_model_alias(name, params.registry.candidate_alias, str(version))
-    out = {"model": name, "version": version, "alias": params.registry.candidate_alias, "gate": verdict,
+    out = {"registered": True, "model": name, "version": version, "alias": params.registry.candidate_alias, "gate": verdict,
            "run_id": run.info.run_id, "onnx_sha256": sha, "classifier": clf_name, "classifier_version": clf_version,
            "tracking_uri": mlflow.get_tracking_uri()}
     write_json(art / STEP / "register.json", out)
@@ -305,6 +320,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     elif command == STEP:
         parser.add_argument("--export-dir", default=None, help="folder with generator.onnx + export.json (default <artifacts>/export)")
         parser.add_argument("--eval-dir", default=None, help="folder with the gate reports (default <artifacts>/evaluate)")
+        parser.add_argument("--allow-refusal", action="store_true", help="exit 0 when a failed gate refuses registration (DVC runs it so)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -322,6 +338,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{out['model']}@{params.registry.champion_alias} rolled back to v{out['champion']} (was v{out['rolled_back_from']})")
     else:
         out = register(params, args.export_dir, args.eval_dir)
+        if not out.get("registered"):
+            print(f"registration refused, nothing registered: {out['reason']}")
+            return 0 if args.allow_refusal else 1
         print(f"registered {out['model']} v{out['version']} @{out['alias']} (gate {out['gate']}); "
               f"classifier {out['classifier']} v{out['classifier_version']}")
     return 0
