@@ -10,8 +10,11 @@ under ``<artifacts>/dataset`` (``radsynth ingest`` and ``radsynth preprocess`` f
 untrained generators of the profile (the cost does not depend on the weights), or ``--generator``.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/evaluate.py --profile cpu
+    # or in two sittings sharing one cache (each under 15 minutes):
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/evaluate.py --runs cold --cache /tmp/evalcache
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/evaluate.py --runs warm --cache /tmp/evalcache
 
-Prints a table and writes ``benchmarks/results/evaluate.json``.
+Prints a table and writes ``benchmarks/results/evaluate.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +38,8 @@ def main() -> None:
     parser.add_argument("--generator", default=None, help="a trained G_ema for the warm run (default: an untrained one)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--out", default="benchmarks/results/evaluate.json")
+    parser.add_argument("--runs", nargs="+", default=["cold", "warm"], choices=["cold", "warm"])
+    parser.add_argument("--cache", default=None, help="cache folder (default: a temporary one); cold empties it first")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,8 +63,15 @@ def main() -> None:
             gens.append(save_generator(tmp / f"G_{seed}.safetensors", G, {"classes": ds.classes, "data_md5": "bench", "params_digest": "bench"}))
         if args.generator:
             gens[1] = Path(args.generator)
-        params = load_params(profile=args.profile, overrides={"eval.cache_dir": str(tmp / "cache"), "eval.tracking": False})
+        cache = Path(args.cache) if args.cache else tmp / "cache"
+        params = load_params(profile=args.profile, overrides={"eval.cache_dir": str(cache), "eval.tracking": False})
         for label, gen in (("cold", gens[0]), ("warm", gens[1])):
+            if label not in args.runs:
+                continue
+            if label == "cold" and cache.exists():
+                shutil.rmtree(cache)
+            if label == "warm" and not any(cache.glob("judge-*.safetensors")):
+                parser.error(f"--runs warm needs a cache with a trained judge: run --runs cold --cache {cache} first")
             t0 = time.perf_counter()
             result = evaluate(params, gen, dataset_dir, tmp / f"eval-{label}")
             wall = time.perf_counter() - t0

@@ -207,9 +207,11 @@ def calibration_check(calibration: dict | None, level: str) -> Check | None:
     if not calibration:
         return None
     wrong = [r["name"] for r in calibration["rows"] if not r["levels"][level]["as_expected"]]
+    if not calibration.get("ranking", {}).get("ok", True):
+        wrong.append("ranking (noise > blurred > real val)")
     return _check(f"calibration/{level}", "all", "calibration", float(len(wrong)), "==", 0.0,
                   f"at these thresholds the gate gives the wrong verdict on calibration sets {', '.join(wrong)} "
-                  f"(calibration.md): it cannot be trusted to judge a generator; fix eval.gate.{level}")
+                  f"(calibration.md): it cannot be trusted to judge a generator; fix eval.gate.{level} or eval.judge")
 
 
 def distances_in_units(values: dict[str, float], classes: Sequence[str], cfg: EvalConfig) -> dict[str, dict]:
@@ -236,7 +238,8 @@ def gate_record(gates: dict[str, GateResult], level: str, values: dict[str, floa
         "judge": {"real_balanced_acc": _finite(values.get(mk.REAL_BALANCED_ACC)),
                   "real_acc": {c: _finite(values.get(mk.per_class(mk.REAL_ACC, c))) for c in classes}},
         "calibration": {"ran": calibration is not None,
-                        "ok": {lvl: calibration["ok_by_level"][lvl] for lvl in GATE_LEVELS} if calibration else {}},
+                        "ok": {lvl: calibration["ok_by_level"][lvl] and calibration["ranking"]["ok"] for lvl in GATE_LEVELS}
+                        if calibration else {}},
     }
 
 
@@ -277,7 +280,8 @@ def gate_markdown(gates: dict[str, GateResult], level: str, values: dict[str, fl
         lines += ["## Calibration", "",
                   "The same gate on sets built from real data (`calibration.md`): "
                   + "; ".join(f"{lv} level {'fails every must-fail set and passes real val' if calibration['ok_by_level'][lv] else '**gives a wrong verdict**'}"
-                              for lv in GATE_LEVELS) + ".", ""]
+                              for lv in GATE_LEVELS)
+                  + f"; distances rank noise > blurred > real val: {'yes' if calibration['ranking']['ok'] else '**no**'}.", ""]
     for lv in dict.fromkeys([level, "release"]):
         g = gates[lv]
         lines += [f"## Checks at {lv} level", "", "| check | value | rule | margin | result |", "|---|---|---|---:|---|"]
@@ -413,9 +417,10 @@ def run_calibration(real, judge, cfg: EvalConfig, cache_dir: Path | None, progre
         u = {n: by_name[n]["values"].get(mk.per_class(mk.FID_DOMAIN_UNITS, c)) for n in ("noise", "blurred", "real_val") if n in by_name}
         finite = all(v is not None for v in u.values()) and len(u) == 3
         ranking[c] = {**u, "ok": bool(finite and u["noise"] > u["blurred"] > u["real_val"])}
+    ranking_ok = all(r["ok"] for r in ranking.values())
     return {
-        "ok": all(ok_by_level.values()), "ok_by_level": ok_by_level,
-        "ranking": {"ok": all(r["ok"] for r in ranking.values()), "rule": "fid_domain_units: noise > blurred > real_val",
+        "ok": all(ok_by_level.values()) and ranking_ok, "ok_by_level": ok_by_level,
+        "ranking": {"ok": ranking_ok, "rule": "fid_domain_units: noise > blurred > real_val",
                     "per_condition": ranking},
         "rows": rows, "thresholds": dataclasses.asdict(cfg.gate), "classes": classes,
         "judge": judge.report, "cached": rows_cached, "seconds": round(time.perf_counter() - t0, 2),
@@ -489,8 +494,29 @@ def calibrate(params: Params, dataset_dir: str | Path | None = None, out_dir: st
     real = real_splits(dataset, res)
     judge = judge_for(real, params.eval, _cache_dir(params), progress)
     cal = run_calibration(real, judge, params.eval, _cache_dir(params), progress)
-    _write_calibration(Path(out_dir or art / STEP), cal)
+    out_dir = Path(out_dir or art / STEP)
+    _write_calibration(out_dir, cal)
+    cal["mlflow_run_id"] = _track_calibration(params, out_dir, cal)
     return cal
+
+
+def _track_calibration(params: Params, out_dir: Path, cal: dict) -> str | None:
+    """An MLflow run ``calibrate`` with the table, the record and one margin per set and level."""
+    if not params.eval.tracking:
+        return None
+    import mlflow
+
+    from radsynth.tracking import provenance, setup_mlflow
+
+    setup_mlflow(params)
+    with mlflow.start_run(run_name="calibrate", nested=mlflow.active_run() is not None) as run:
+        mlflow.set_tags({**provenance(params), "step": STEP, "calibration_ok": str(cal["ok"]).lower()})
+        margins = {f"calibration_margin/{r['name']}/{lvl}": d["margin"] for r in cal["rows"] for lvl, d in r["levels"].items()
+                   if d["margin"] is not None}
+        mlflow.log_metrics({**margins, **{f"calibration_ok/{lvl}": float(ok) for lvl, ok in cal["ok_by_level"].items()}})
+        for name in ("calibration.md", "calibration.json"):
+            mlflow.log_artifact(str(out_dir / name), artifact_path=STEP)
+        return run.info.run_id
 
 
 def _write_calibration(out_dir: Path, cal: dict) -> None:

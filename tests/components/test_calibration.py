@@ -5,7 +5,7 @@ The sample export (DVC-pulled, as CI does) goes through the project's own ``dvc 
 and runs both gate levels, with the thresholds of ``params.yaml``, on noise, blurred,
 checkerboarded, label-shuffled, collapsed, verbatim and shifted training images (must fail) and
 the real val split (must pass). To stay within minutes on 2 cores this runs at 32x32 with a
-smaller judge (``CI_EVAL``); the ``cpu`` profile's own 64x64 calibration is recorded in
+shorter judge schedule (``CI_EVAL``); the ``cpu`` profile's own 64x64 calibration is recorded in
 docs/benchmarks.md (``radsynth evaluate --calibrate --profile cpu``).
 """
 
@@ -26,7 +26,7 @@ from tests.pipelines.conftest import step_env
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("radsynth", "model", "components", "pipelines", "serving")
 RESOLUTION = 32
-CI_EVAL = {"judge": {"width": 16, "depth": 1, "max_epochs": 12, "patience": 3}, "samples_per_class": 120, "tracking": False}
+CI_EVAL = {"judge": {"max_epochs": 12, "patience": 3}, "samples_per_class": 120, "tracking": True}
 MUST_FAIL = ("noise", "blurred", "checkerboard", "shuffled_labels", "collapse", "verbatim", "near_copies")
 
 
@@ -48,6 +48,7 @@ def calibrated(tmp_path_factory, sample_export):
     params["profile"] = "cpu"
     cpu = params["profiles"]["cpu"]
     cpu["data"] = {**(cpu.get("data") or {}), "img_resolution": RESOLUTION}
+    cpu["train"] = {**(cpu.get("train") or {}), "final_resolution": RESOLUTION}
     cpu["eval"] = {**(cpu.get("eval") or {}), **CI_EVAL}
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**step_env(proj), "PYTHONPATH": str(proj)}
@@ -103,6 +104,20 @@ def test_collapse_has_precision_without_recall(calibrated):
         collapse, real = rows["collapse"], rows["real_val"]
         assert collapse[mk.per_class(mk.RECALL, c)] < 0.1 < real[mk.per_class(mk.RECALL, c)], c
         assert collapse[mk.per_class(mk.PRECISION, c)] > collapse[mk.per_class(mk.RECALL, c)], c
+
+
+def test_the_table_is_logged_to_mlflow(calibrated):
+    from mlflow import MlflowClient
+
+    proj, *_ = calibrated
+    uri = f"sqlite:///{proj / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "radsynth"]
+    runs = client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'calibrate'")
+    assert runs and runs[0].data.tags["calibration_ok"] == "true"
+    assert runs[0].data.metrics["calibration_ok/release"] == 1.0
+    assert runs[0].data.metrics["calibration_margin/noise/release"] < 0 < runs[0].data.metrics["calibration_margin/real_val/release"]
+    assert {f.path for f in client.list_artifacts(runs[0].info.run_id, "evaluate")} >= {"evaluate/calibration.md", "evaluate/calibration.json"}
 
 
 def test_the_report_and_the_cached_rerun(calibrated):
