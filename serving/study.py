@@ -731,7 +731,12 @@ def report_study(params: Params, study: Study, log_mlflow: bool | None = None) -
     """
     from radsynth.io import atomic_write_text, write_json
 
+    from radsynth.study_stats import CI_METHODS
+
     cfg = params.study
+    if cfg.ci_method not in CI_METHODS or not 0.0 < cfg.ci_level < 1.0:
+        raise StudyError(f"study.ci_method must be one of {', '.join(CI_METHODS)} and study.ci_level in (0, 1); "
+                         f"got {cfg.ci_method!r}, {cfg.ci_level!r}")
     report = compute_report(study, study.answers().all(), cfg.ci_level, cfg.ci_method)
     out = study.root / "report"
     md_path = atomic_write_text(out / "report.md", format_markdown(report))

@@ -242,3 +242,47 @@ def test_new_study_is_found_while_the_app_runs(study_env):
     assert client.get(f"/study/{more[0]}").status_code == 200
     assert client.get(f"/study/{tokens[0]}").status_code == 200
     assert second.root.parent == study.root.parent
+
+
+def test_report_of_an_empty_and_a_partial_study_says_so(study_env):
+    from serving.study import card_section, compute_report, format_markdown, report_study
+
+    params, study, tokens, client = study_env
+    empty = compute_report(study, [])
+    assert empty["pooled"]["accuracy"]["value"] is None and empty["pooled"]["auc"]["value"] is None
+    assert empty["interpretation"][-1] == "No answers yet." and "n/a" in format_markdown(empty)
+    for position in range(4):
+        answer(client, tokens[0], position)
+    report = report_study(params, study, log_mlflow=False)
+    assert report["mlflow"] is None and report["completeness"]["answers"] == 4
+    assert report["interpretation"][0].startswith("Incomplete: 4 of 36 answers")
+    assert report["readers"][0]["answers"] == 4 and not report["readers"][0]["complete"]
+    assert report["inter_reader"]["fleiss_kappa_call"] is None            # no image was read by all three yet
+    md = (study.root / "report" / "report.md").read_text()
+    assert "1 (incomplete)" in md and "not a clinical validation" in md
+    assert card_section(report).startswith("## Reader study")
+    import dataclasses
+
+    bad = dataclasses.replace(params, study=dataclasses.replace(params.study, ci_method="wald"))
+    from serving.study_store import StudyError
+
+    with pytest.raises(StudyError, match="study.ci_method"):
+        report_study(bad, study, log_mlflow=False)
+
+
+def test_card_section_goes_into_a_model_card_once_and_only_for_its_version(study_env):
+    from serving.study import CARD_BEGIN, card_section, card_section_for, report_study, with_card_section
+
+    params, study, tokens, client = study_env
+    assert card_section_for(params, study.model_name, study.model_version) is None     # nothing reported yet
+    report = report_study(params, study, log_mlflow=False)
+    section = card_section_for(params, study.model_name, study.model_version)
+    assert section == card_section(report)
+    assert card_section_for(params, study.model_name, study.model_version + 1) is None
+    assert card_section_for(params, "other-model", study.model_version) is None
+    card = "# Model card\n\nIntended use: research.\n"
+    once = with_card_section(card, section)
+    twice = with_card_section(once + "\n## Limits\n\nMany.\n", section.replace("Reader study", "Reader study (updated)"))
+    assert once.startswith(card.rstrip()) and once.count(CARD_BEGIN) == 1
+    assert twice.count(CARD_BEGIN) == 1 and "(updated)" in twice and "## Limits" in twice and "Intended use" in twice
+    assert with_card_section(None, section).startswith(CARD_BEGIN)
