@@ -351,7 +351,12 @@ def create_study(params: Params, model: ModelRef, source: ImageSource, readers: 
 
 def reader_links(params: Params, study: Study, tokens: Sequence[str], base_url: str | None = None) -> list[str]:
     """The URL each reader opens (``study.base_url`` or the web app's host and port)."""
-    base = (base_url or params.study.base_url or f"http://{params.web.host}:{params.web.port}").rstrip("/")
+    host = params.web.host
+    if host in ("", "0.0.0.0", "::"):  # listening everywhere: name this machine, not the wildcard
+        import socket
+
+        host = socket.gethostname()
+    base = (base_url or params.study.base_url or f"http://{host}:{params.web.port}").rstrip("/")
     return [f"{base}/study/{token}" for token in tokens]
 
 

@@ -15,6 +15,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -23,9 +26,29 @@ from serving.study import create_study
 from tests.serving.study_helpers import TorchSource, make_dataset, tiny_model
 
 from .conftest import ROOT
-from .test_e2e import CHROMIUM_ARGS, _free_port, _wait_http
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+
+
+def _free_port() -> int:
+    from serving.server import free_port
+
+    return free_port()
+
+
+def _wait_http(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} not ready after {timeout_s} s")
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
