@@ -245,7 +245,8 @@ def test_new_study_is_found_while_the_app_runs(study_env):
 
 
 def test_report_of_an_empty_and_a_partial_study_says_so(study_env):
-    from serving.study import card_section, compute_report, format_markdown, report_study
+    from serving.study import report_study
+    from serving.study_report import card_section, compute_report, format_markdown
 
     params, study, tokens, client = study_env
     empty = compute_report(study, [])
@@ -271,7 +272,8 @@ def test_report_of_an_empty_and_a_partial_study_says_so(study_env):
 
 
 def test_card_section_goes_into_a_model_card_once_and_only_for_its_version(study_env):
-    from serving.study import CARD_BEGIN, card_section, card_section_for, report_study, with_card_section
+    from serving.study import card_section_for, report_study
+    from serving.study_report import CARD_BEGIN, card_section, with_card_section
 
     params, study, tokens, client = study_env
     assert card_section_for(params, study.model_name, study.model_version) is None     # nothing reported yet
