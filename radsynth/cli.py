@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serving.server", "build the Triton model repository (registry alias or local ONNX) and run tritonserver"),
     "generate": ("serving.generate", "generate images from a running server as PNG or synthetic DICOM; --check verifies it"),
     "web": ("serving.web.server", "run the web app (gunicorn) against Triton and the registry; prints its URL"),
+    "study": ("serving.study", "reader study (visual Turing test) of one model version: create | list | report | close | reissue"),
     "pipeline": ("pipelines.cli", "the Kubeflow pipeline: compile | run-local | submit --host URL"),
 }
 

@@ -264,6 +264,21 @@ class PipelineConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """`study:` the reader study, a visual Turing test (owner: serving/study.py, serving/web/study.py)."""
+
+    dir: str = ""                              # where studies live; "": <paths.artifacts>/studies
+    readers: int = 3                           # default `study create --readers`
+    images: int = 40                           # default `study create --images` (even: half real, half synthetic)
+    seed: int = -1                             # study seed; -1: a fresh one per study (recorded in its manifest)
+    ci_level: float = 0.95                     # confidence level of every interval in the report
+    ci_method: str = "wilson"                  # binomial interval: wilson | exact (Clopper-Pearson)
+    display_px: int = 512                      # study page: default on-screen image size (a whole multiple of its pixels)
+    base_url: str = ""                         # reader links printed by `study create`; "": http://<web.host>:<web.port>
+    log_mlflow: bool = True                    # `study report` tags the model version and logs the report there
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     """The whole resolved configuration."""
 
@@ -287,6 +302,8 @@ class Params:
     web: WebConfig = WebConfig()
 
     pipeline: PipelineConfig = PipelineConfig()
+
+    study: StudyConfig = StudyConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), suitable for YAML/JSON/MLflow."""

@@ -40,6 +40,7 @@ from radsynth.config import Params
 from radsynth.latent import MAX_SEED, new_seed
 from serving.web import generation, metrics_view
 from serving.web.backend import Backend, ModelInfo, ServiceUnavailable, TritonBackend
+from serving.web.study import create_blueprint as study_blueprint
 from serving.web.uploads import Reference, UploadError, read_upload
 
 log = logging.getLogger(__name__)
@@ -312,6 +313,7 @@ def create_app(params: Params, backend: Backend | None = None) -> Flask:
                                hint="Try again; if it keeps happening, tell the team that runs this service.",
                                retry=url_for("index")), 500
 
+    app.register_blueprint(study_blueprint(params))  # /study/<token>: the reader study (serving/web/study.py)
     return app
 
 
