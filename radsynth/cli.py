@@ -53,7 +53,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--params", default=None, help="params file (default: ./params.yaml or $RADSYNTH_PARAMS)")
         p.add_argument("--profile", default=None, help="profile overlay: tiny | cpu | gpu (default: params' own or $RADSYNTH_PROFILE)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one param, e.g. --set train.seed=3 (repeatable)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one param, e.g. --set train.lr_g=2e-3 or --set seed=3 (repeatable)")
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
         subparsers[name] = p
     return parser, subparsers

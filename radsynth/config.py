@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -356,7 +357,7 @@ def load_params(
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key.sub=value`` (value as YAML) from a ``--set`` flag."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.kimg_per_phase=2")
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.lr_g=2e-3")
     key, value = text.split("=", 1)
     return key.strip(), yaml.safe_load(value)
 
@@ -418,6 +419,8 @@ def _coerce(tp: Any, value: Any, key: str, path: Path) -> Any:
         k_tp, v_tp = typing.get_args(tp)
         return {_coerce(k_tp, k, key, path): _coerce(v_tp, v, f"{key}.{k}", path) for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            return float(value)                # YAML 1.1 reads 2e-3 (no dot) as a string; it is a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: {key} must be a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -434,6 +437,10 @@ def _coerce(tp: Any, value: Any, key: str, path: Path) -> Any:
             raise ConfigError(f"{path}: {key} must be a string, got {type(value).__name__} {value!r}")
         return value
     raise ConfigError(f"{path}: {key}: unsupported type {tp!r} in the config schema")
+
+
+# A plain decimal or scientific-notation number (``2e-3``, ``1E+4``, ``.5``): never nan/inf/hex.
+_DECIMAL = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def _closest(name: str, choices: Mapping[str, Any]) -> str | None:
