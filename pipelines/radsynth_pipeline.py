@@ -144,8 +144,8 @@ def build_pipeline(params: Params) -> Callable:
             encoder = encoder_c(register=True, dataset=dataset, checkpoint=checkpoint, onnx=export.outputs["onnx"], **common)
             _train_resources(encoder, cfg)
             _tracking(encoder, cfg)
-            register = register_c(promote=promote, evaluation=evaluate.outputs["evaluation"],
-                                  onnx=export.outputs["onnx"], **common)
+            register = register_c(promote=promote, evaluation=evaluate.outputs["evaluation"], onnx=export.outputs["onnx"],
+                                  dataset=dataset, checkpoint=checkpoint, **common)
             register.after(encoder)  # promotion moves the encoder's champion with the generator's
             _limits(register, cfg.step_cpu, cfg.step_memory, cfg)
             _tracking(register, cfg)
