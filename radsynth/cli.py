@@ -29,7 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rollback": ("components.register", "move @champion back to the previous champion"),
     "encoder": ("components.encoder", "train the image -> z encoder on the frozen G_ema, export ONNX, register it"),
     "serve": ("serving.server", "build the Triton model repository (registry alias or local ONNX) and run tritonserver"),
+    "deploy": ("serving.deploy", "load the registry's @champion into a running Triton (health-checked), unload the old version; no restart"),
     "generate": ("serving.generate", "generate images from a running server as PNG or synthetic DICOM; --check verifies it"),
+    "synthesize": ("components.synthesize", "a bulk synthetic dataset (N per condition or a mix) from a registry alias through Triton, with manifest + datasheet"),
     "web": ("serving.web.server", "run the web app (gunicorn) against Triton and the registry; prints its URL"),
     "pipeline": ("pipelines.cli", "the Kubeflow pipeline: compile | run-local | submit --host URL"),
 }
