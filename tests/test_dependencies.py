@@ -11,6 +11,7 @@ CODE = ("radsynth", "model", "components", "serving", "pipelines")
 IMPORT_NAME = {
     "torch-fidelity": "torch_fidelity", "kfp-kubernetes": "kfp.kubernetes", "nvidia-pytriton": "pytriton",
     "great-expectations": "great_expectations", "scikit-image": "skimage", "pyyaml": "yaml", "pillow": "PIL",
+    "markdown-it-py": "markdown_it",
 }
 # used, but never imported by name
 WITHOUT_IMPORT = {
