@@ -1,11 +1,14 @@
 """Step ``register`` and the commands ``promote`` / ``rollback``: the MLflow model registry.
 
 * ``register``: logs the exported ONNX generator (``mlflow.onnx.log_model``, a directory
-  with ``model.onnx``) as a new version of ``registry.model_name`` in a run that holds the
-  evaluation metrics, tags the version (``onnx_sha256``, ``classes``, ``z_dim``,
-  ``img_resolution``, ``img_channels``, ``variant``, ``git_commit``, ``data_md5``,
-  ``params_digest``, ``gate``, ``classifier_version``) and points alias ``candidate`` at it.
-  The domain classifier ONNX is registered beside it as ``registry.classifier_name``.
+  with ``model.onnx``, a signature and an input example read from its graph) as a new version
+  of ``registry.model_name``, then the evaluation metrics against that logged model (MLflow 3
+  links them), tags the version (``onnx_sha256``, ``classes``, ``z_dim``, ``img_resolution``,
+  ``img_channels``, ``variant``, ``train_run_id``, ``git_commit``, ``data_md5``,
+  ``params_digest``, ``gate``, ``gate_level``, ``gate_release_passed``, ``classifier_version``,
+  ``model_card``), sets the generated model card (:mod:`radsynth.model_card`) as its
+  description and points alias ``candidate`` at it. The domain classifier ONNX is registered
+  beside it as ``registry.classifier_name``.
 * ``promote``: moves ``champion`` to a version (default: the ``candidate``) only when its
   gate passed, and says why it refuses otherwise; the classifier's ``champion`` follows, and so
   does the encoder's (the newest encoder trained against that exact generator ONNX).

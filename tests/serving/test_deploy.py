@@ -146,3 +146,33 @@ def test_deploy_explains_what_it_cannot_do(live, tmp_path):
 
     with pytest.raises(DeployError, match="cannot be reached"):
         deploy(params, url=f"127.0.0.1:{free_port()}")
+
+
+def test_model_control_flags():
+    import dataclasses
+
+    from serving.server import ServerError, model_control_flags
+
+    cfg = load_params(ROOT / "params.yaml", profile="tiny").serve
+    assert model_control_flags(cfg) == ["--model-control-mode=explicit", "--load-model=*"]
+    assert model_control_flags(dataclasses.replace(cfg, model_control="poll", repository_poll_s=3)) == [
+        "--model-control-mode=poll", "--repository-poll-secs=3"]
+    assert model_control_flags(dataclasses.replace(cfg, model_control="none")) == []
+    with pytest.raises(ServerError, match="explicit, poll, none"):
+        model_control_flags(dataclasses.replace(cfg, model_control="sometimes"))
+
+
+def test_poll_mode_picks_up_the_swap_and_checks_it_after(live, tmp_path):
+    """serve.model_control poll: deploy writes the new version, Triton's scan loads it, deploy checks it."""
+    from serving.repository import build_repository
+    from serving.server import TritonServer
+
+    _, _, onnx, _ = live
+    params = serving_params(tmp_path, **{"serve.model_control": "poll", "serve.repository_poll_s": 1})
+    register_onnx(params, onnx[0], MODEL, "champion")
+    with TritonServer(params.serve, build_repository(params)) as server:
+        assert "--model-control-mode=poll" in " ".join(server.process.args)
+        register_onnx(params, onnx[1], MODEL, "champion")
+        assert deploy(params)["changed"] == {MODEL: {"from": [1], "to": [2]}}
+        assert served(params)[0] == "2"
+        assert sorted(p.name for p in (server.repository / MODEL).iterdir() if p.is_dir()) == ["2"]
