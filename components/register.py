@@ -485,6 +485,7 @@ def register_component(profile: str, overrides: list, promote: bool, evaluation:
 
     The model card is also this task's Markdown output, so the run page shows it.
     """
+    import os
     import shutil
 
     from components.register import promote as promote_version
@@ -494,6 +495,7 @@ def register_component(profile: str, overrides: list, promote: bool, evaluation:
     inputs = {"evaluate": evaluation.path, "export": onnx.path, "dataset": dataset.path, "train": checkpoint.path}
     with step_workspace(profile, overrides, inputs=inputs) as ws:
         record = register(ws.params)
+        os.makedirs(os.path.dirname(model_card.path), exist_ok=True)
         shutil.copyfile(ws.root / "register" / "model_card.md", model_card.path)
         print(f"registered {record['model']} version {record['version']} (@{record['alias']}, gate {record['gate']})")
         if promote:

@@ -323,6 +323,7 @@ from pipelines.component import step_component  # noqa: E402
 @step_component
 def synthesize_component(profile: str, overrides: list, version: str, synthetic: Output[Dataset], datasheet: Output[Markdown]):
     """KFP: a synthetic dataset from registered ``version`` through a private Triton; the datasheet is a Markdown output."""
+    import os
     import shutil
 
     from components.synthesize import synthesize
@@ -330,5 +331,6 @@ def synthesize_component(profile: str, overrides: list, version: str, synthetic:
 
     with step_workspace(profile, overrides, outputs={"synthesize": synthetic.path}) as ws:
         record = synthesize(ws.params, version=int(float(version)))
+        os.makedirs(os.path.dirname(datasheet.path), exist_ok=True)
         shutil.copyfile(ws.root / "synthesize" / "datasheet.md", datasheet.path)
         print(f"synthesized {record['images']} images of {record['model']} v{record['version']}: {record['counts']}")
