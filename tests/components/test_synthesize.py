@@ -99,8 +99,11 @@ def test_png_dataset_is_one_generate_of_n_per_condition_with_manifest_and_datash
 
 def test_dicom_mix_through_a_running_server_and_the_refusals(registry):
     params, good, other, tmp = registry
+    from components.register import download_version
+
     mixed = dataclasses.replace(params, synthesize=dataclasses.replace(params.synthesize, total=20, mix={"COVID": 3, "NORMAL": 1}))
-    with triton_client(params, good) as client:                                # a server already running that version
+    _, stored, _ = download_version(params, 1, MODEL, tmp / "v1")               # the registry's copy of v1
+    with triton_client(params, stored) as client:                              # a server already running that version
         record = synthesize(mixed, url=client.url, out_dir=tmp / "dicom", fmt="dicom")
         assert record["served_by"] == client.url and record["counts"] == {"NORMAL": 5, "PNEUMONIA": 0, "COVID": 15}
         # the url serves v1's ONNX, so asking it for another version is refused, and nothing is written

@@ -30,7 +30,7 @@ def _documented_overrides(root) -> list[tuple[str, str]]:
 
     from radsynth.cli import build_parser
 
-    pattern = re.compile(r"(?:--set|-S|e\.g\.)\s+`?([A-Za-z_][\w.]*=[^\s`\"')]+)")
+    pattern = re.compile(r"(?:--set|-S|key=value, e\.g\.)\s+`?([A-Za-z_][\w.]*=[^\s`\"')]+)")
     texts = {}
     parser, subparsers = build_parser()
     for name, (module, _) in COMMANDS.items():

@@ -268,6 +268,7 @@ def test_upload_generate_inspect_download_in_a_real_browser(stack, browser):
     assert "Research use only" in card and "Evaluation gate" in card and "Viral pneumonia" in card
     grid = page.locator("#model-card img")
     assert page.evaluate("img => img.complete && img.naturalWidth > 16 * 8", grid.element_handle())
+    page.screenshot(path=str(ARTIFACTS / "web_model_card.png"), full_page=True)
 
     # a bad file: a clear message on the form and a 4xx, nothing generated
     page.goto(url)
