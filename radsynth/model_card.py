@@ -211,9 +211,10 @@ def render(
               ("G_ema decay", t.ema_beta), ("class-balanced sampling", t.balanced_classes),
               ("schedule", f"{t.start_resolution} -> {t.final_resolution or params.data.img_resolution} px, "
                            f"{t.kimg_fade:g} kimg fade + {t.kimg_stabilize:g} kimg stabilise per stage")]
-    if train_summary:
-        recipe += [("trained", f"{_fmt(train_summary.get('kimg'))} kimg in {_fmt(train_summary.get('seconds'))} s "
-                               f"on {train_summary.get('device', '?')}")]
+    trained = [text for key, text in (("kimg", "{} kimg"), ("seconds", "in {} s"), ("device", "on {}"))
+               if (train_summary or {}).get(key) is not None for text in [text.format(_fmt(train_summary[key]))]]
+    if trained:
+        recipe += [("trained", " ".join(trained))]
     lines += _table(("", ""), recipe)
 
     lines += ["", "## Evaluation gate", "", f"Verdict: **{g.label()}**"

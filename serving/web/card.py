@@ -82,7 +82,7 @@ def to_html(markdown: str, grid_url: str | None) -> str:
 
     html = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
     if grid_url:
-        html = re.sub(r'src="model_card_grid\.png"', f'src="{grid_url}" class="pixelated"', html)
+        html = re.sub(r'src="model_card_grid\.png"', f'src="{grid_url}" class="card-grid"', html)
     else:
         html = re.sub(r'<img src="model_card_grid\.png"[^>]*>', "", html)
     return html

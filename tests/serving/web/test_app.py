@@ -304,7 +304,7 @@ def test_model_card_page_renders_the_served_versions_card_safely(params, backend
     html = page.get_data(as_text=True)
     assert page.status_code == 200 and "<h1>Model card: radsynth-generator v2</h1>" in html
     assert "<table>" in html and "<td>cond_acc/NORMAL</td>" in html and "<blockquote>" in html
-    assert '<img src="/model-card/grid.png" class="pixelated" alt="grid"' in html
+    assert '<img src="/model-card/grid.png" class="card-grid" alt="grid"' in html
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html   # raw HTML in a card is shown, never run
     assert client.get("/model-card/grid.png").data == grid
     missing = create_app(params, backend=backend, cards=StaticCards({})).test_client()
