@@ -62,7 +62,7 @@ from radsynth.config import GATE_LEVELS, EvalConfig, Params
 from radsynth.errors import RadsynthError
 
 STEP = "evaluate"
-CALIBRATION_VERSION = 1                  # bump when the calibration sets change (invalidates cached rows)
+CALIBRATION_VERSION = 2                  # bump when the calibration sets change (invalidates cached rows)
 
 
 class GateFailed(RadsynthError):
@@ -418,7 +418,15 @@ def run_calibration(real, judge, cfg: EvalConfig, cache_dir: Path | None, progre
         finite = all(v is not None for v in u.values()) and len(u) == 3
         ranking[c] = {**u, "ok": bool(finite and u["noise"] > u["blurred"] > u["real_val"])}
     ranking_ok = all(r["ok"] for r in ranking.values())
+    must_fail = [r["name"] for r in rows if r["expect"].get("release") == "fail"]
+    bal = (judge.report.get("test") or {}).get("balanced")
+    summary = ("; ".join(f"{lvl} level: " + ("every verdict as expected" if ok_by_level[lvl] else "WRONG VERDICTS")
+                         for lvl in GATE_LEVELS)
+               + f" on {len(rows)} sets built from real data (must fail: {', '.join(must_fail)}; must pass: real_val); "
+               + f"distances rank noise > blurred > real val: {'yes' if ranking_ok else 'no'}"
+               + (f"; judge balanced accuracy on real test images {bal:.3f}" if isinstance(bal, (int, float)) else "") + ".")
     return {
+        "summary": summary,
         "ok": all(ok_by_level.values()) and ranking_ok, "ok_by_level": ok_by_level,
         "ranking": {"ok": ranking_ok, "rule": "fid_domain_units: noise > blurred > real_val",
                     "per_condition": ranking},

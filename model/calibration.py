@@ -7,7 +7,7 @@ split's, capped at ``eval.samples_per_class``), so every set meets the same size
 | set | built from | release | demo |
 |---|---|---|---|
 | noise | Gaussian noise with the real images' mean and sd | fail | fail |
-| blurred | real val images, Gaussian blur (sigma 1.5 px at 64x64, scaled with the side) | fail | - |
+| blurred | real val images, Gaussian blur (sigma 1.5 px at 64x64, scaled up with larger sides, never below 1.5 px) | fail | - |
 | checkerboard | real val images + a period-2 checkerboard of 15 % amplitude (+-0.15 x 255) | fail | - |
 | shuffled_labels | real val images, conditions permuted across the set | fail | fail |
 | collapse | one real val image per condition, repeated | fail | fail |
@@ -92,7 +92,9 @@ def calibration_sets(real, samples_per_class: int, seed: int) -> list[Calibratio
     noise = np.clip(np.rint(rng.normal(mean, sd, val.shape)), 0, 255).astype(np.uint8)
     collapse = np.concatenate([np.repeat(val[val_labels == i][:1], n, axis=0) for i, n in enumerate(counts)])
     step = np.where(rng.random(len(train)) < 0.5, -2, 2)
-    sigma = 1.5 * res / 64
+    # 1.5 px at 64x64, scaled with larger sides; never below 1.5 px: at 32x32 a 0.75 px blur is within
+    # real-vs-real noise for the judge (measured: PNEUMONIA_VIRAL 0.69 reference units vs real val 1.07).
+    sigma = 1.5 * max(1.0, res / 64)
     both = {"release": FAIL, "demo": FAIL}
     return [
         CalibrationSet("noise", "Gaussian noise (the real images' mean and sd)", noise, val_labels, both),
