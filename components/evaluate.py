@@ -733,6 +733,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit 0 when the gate fails: the verdict is recorded in gate.json (DVC runs it so)")
     parser.add_argument("--calibrate", action="store_true",
                         help="run the gate on the calibration sets (calibration.md); without a trained generator, only that")
+    parser.add_argument("--calibration-only", action="store_true",
+                        help="only the judge and the calibration sets, even when a trained generator exists")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -741,7 +743,7 @@ def run(args: argparse.Namespace) -> int:
     params = load_cli_params(args)
     art = Path(params.paths.artifacts)
     generator = Path(args.generator or art / "train" / "G_ema.safetensors")
-    if args.calibrate and not generator.is_file():
+    if args.calibration_only or (args.calibrate and not generator.is_file()):
         cal = calibrate(params, args.dataset, args.out, progress=True)
         print(calibration_markdown(cal))
         print(f"calibration: {'every verdict as expected' if cal['ok'] else 'WRONG VERDICTS (see the table)'}; "

@@ -56,7 +56,7 @@ def calibrated(tmp_path_factory, sample_export):
     subprocess.run([str(bin_dir / "dvc"), "init", "--no-scm", "-q"], cwd=proj, check=True)
     out = subprocess.run([str(bin_dir / "dvc"), "repro", "validate"], cwd=proj, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    run = lambda: subprocess.run([str(bin_dir / "radsynth"), "evaluate", "--profile", "cpu", "--calibrate"],  # noqa: E731
+    run = lambda flag="--calibrate": subprocess.run([str(bin_dir / "radsynth"), "evaluate", "--profile", "cpu", flag],  # noqa: E731
                                  cwd=proj, env=env, capture_output=True, text=True, timeout=1200)
     first = run()
     return proj, first, run
@@ -128,7 +128,7 @@ def test_the_report_and_the_cached_rerun(calibrated):
         assert f"| {name} |" in table
     cal = json.loads((proj / "artifacts" / "evaluate" / "calibration.json").read_text())
     assert 0 < cal["judge"]["test"]["balanced"] <= 1 and set(cal["judge"]["test"]["per_class"]) == set(cal["classes"])
-    again = run()
+    again = run("--calibration-only")
     assert again.returncode == 0, again.stderr[-3000:]
     cached = json.loads((proj / "artifacts" / "evaluate" / "calibration.json").read_text())
     assert cached["cached"] is True and cached["rows"] == cal["rows"]
