@@ -413,6 +413,12 @@ def measure_triton(onnx_path: Path, z_dim: int, work: Path, profile: str, concur
                     time.sleep(0.3)  # let the stub flush its counters (every 0.2 s)
                     out["c1_breakdown"] = breakdown(marks["before"], server_counters(client, server.metrics_url), cell["mean_ms"])
                 out["single"][str(c)] = cell
+            if 1 in concurrency:  # the same c=1 cell through the project's blocking client (Client.infer)
+                before = server_counters(client, server.metrics_url)
+                cell = run_threads(lambda i: client.infer(z_from_seed(i, 1, z_dim), [i % len(CLASSES)]), 1, duration)
+                time.sleep(0.3)
+                # counters span the 0.5 s warm-up too: the breakdown's means still hold (every request alike)
+                out["sync_c1"] = {**cell, "breakdown": breakdown(before, server_counters(client, server.metrics_url), cell["mean_ms"])}
             for b in batches:
                 feeds = _inputs(b, z_dim)
                 out["batch"][str(b)] = batch_throughput(lambda: client.infer(feeds["z"], feeds["class"]), b, duration)
@@ -575,10 +581,16 @@ def print_report(results: dict) -> None:
         print(f"\nTriton / ORT: batch 64 {r['batch64']:.2f}x (target >= 0.9), c=32 {r['c32']:.2f}x (target >= 0.9), "
               f"c=1 p50 {r['c1_latency']:.2f}x ORT's (target <= 2)")
     if tri and "c1_breakdown" in tri:
+        sync = tri.get("sync_c1", {}).get("breakdown")
         bd = tri["c1_breakdown"]
-        print(f"\nwhere a c=1 request's {bd['client_mean_ms']:.3f} ms go (means over {bd['requests']} requests):")
+        print(f"\nwhere a c=1 request's time goes (mean ms; asyncio client over {bd['requests']} requests"
+              + (f", blocking Client.infer over {sync['requests']}" if sync else "") + ")")
         for name, ms in bd["parts_ms"].items():
-            print(f"  {ms:7.3f} ms  {name}")
+            print(f"  {ms:7.3f}" + (f" {sync['parts_ms'][name]:7.3f}" if sync else "") + f"  {name}")
+        print(f"  {bd['client_mean_ms']:7.3f}" + (f" {sync['client_mean_ms']:7.3f}" if sync else "") + "  total (client-measured)")
+        if sync:
+            s1 = tri["sync_c1"]
+            print(f"blocking Client.infer at c=1: p50 {s1['p50_ms']:.2f} ms, p99 {s1['p99_ms']:.2f} ms, {s1['images_per_s']:.1f} images/s")
     if tri and "generate" in tri:
         g = tri["generate"]
         limit = max(cell["images_per_s"] for cell in ort["batch"].values()) if ort else float("nan")
