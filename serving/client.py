@@ -434,8 +434,8 @@ class Client:
 
     def sample(self, condition: str, n: int = 1, seed: int | None = None) -> Sample:
         """Generate ``n`` images of ``condition`` (any ``n``; see :meth:`iter_generate`) with seed and model version."""
-        n = _count(n)
         seed = new_seed() if seed is None else seed
+        chunks = self.iter_generate(condition, n, seed)  # checks n, seed and condition first
         info = self.info
         try:
             images = np.empty((n, info.img_resolution, info.img_resolution, info.img_channels), dtype=np.uint8)
@@ -443,7 +443,7 @@ class Client:
             gib = n * info.img_resolution ** 2 * info.img_channels / 2**30
             raise InvalidInputError(f"n={n} images need {gib:.1f} GiB in memory; stream them with iter_generate() "
                                     "(`radsynth generate` writes them chunk by chunk)") from None
-        for start, chunk in self.iter_generate(condition, n, seed):
+        for start, chunk in chunks:
             images[start:start + len(chunk)] = chunk
         return Sample(images, int(seed), condition, self.model_name, info.version)
 
