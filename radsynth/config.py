@@ -191,8 +191,8 @@ class ServeConfig:
     max_queue_delay_us: int = 0                # how long a request may wait to be batched
     cpus: int = 0                              # cores Triton is given; 0: those this process may use (affinity, cgroup quota)
     instance_count: int = 0                    # model instances (per GPU on gpu); 0: derived (serving.repository.plan)
-    intra_op_threads: int = 0                  # onnxruntime threads per operator, per instance; 0: derived
-    batch_workers: int = 0                     # cpu: slices of a batch run at once per instance; 0: derived
+    intra_op_threads: int = 0                  # cpu: onnxruntime threads for a small batch; 0: derived
+    batch_workers: int = 0                     # cpu: slices a large batch is cut into, run at once; 0: derived
     warmup: bool = True                        # model_warmup at batch 1 and max_batch_size when a model loads
     gpus: tuple[int, ...] = ()                 # gpu flavour: one instance group per listed GPU; empty: every GPU
     tensorrt: bool = False                     # gpu flavour: ONNX Runtime's TensorRT execution provider before CUDA

@@ -109,15 +109,20 @@ class Plan:
     flavour: str
     cpus: int                                  # cores Triton is given (serve.cpus or detected)
     instance_count: int                        # per GPU on the gpu flavour
-    intra_op_threads: int                      # onnxruntime threads per operator
-    batch_workers: int                         # slices of one batch run at once (cpu flavour)
+    intra_op_threads: int                      # onnxruntime threads for a small batch (cpu flavour)
+    batch_workers: int                         # slices a large batch is cut into, run at once (cpu flavour)
+    small_batch: int                           # batches up to this size use the threaded session
+    split_batch: int                           # batches from this size are sliced over the workers
     derived: tuple[str, ...]                   # which values came from the rule (not from params)
 
     def describe(self) -> str:
         source = f"derived from {self.cpus} cores" if self.derived else "from params"
         where = " per GPU" if self.flavour == "gpu" else ""
-        return (f"{self.instance_count} instance(s){where} x {self.intra_op_threads} onnxruntime thread(s) "
-                f"x {self.batch_workers} batch worker(s) ({source})")
+        if self.flavour == "gpu":
+            return f"{self.instance_count} instance(s){where} x {self.intra_op_threads} CPU thread(s) ({source})"
+        return (f"{self.instance_count} instance(s); batches <= {self.small_batch} on {self.intra_op_threads} "
+                f"onnxruntime thread(s), >= {self.split_batch} cut over {self.batch_workers} worker(s), "
+                f"others on 1 thread ({source})")
 
 
 # --------------------------------------------------------------------------------------
@@ -252,26 +257,30 @@ def available_cpus() -> int:
 
 
 def plan(cfg: ServeConfig, flavour: str | None = None) -> Plan:
-    """Instances, onnxruntime threads and batch workers per instance for ``flavour``.
+    """How many instances, and how each runs a batch, for ``flavour`` on the cores it is given.
 
-    cpu flavour, ``C`` cores: see :func:`_cpu_rule` (chosen by ``benchmarks/serving.py
-    --parts sweep``, docs/benchmarks.md). gpu flavour: 2 instances per GPU (one computes while
-    the other's tensors are copied), 1 CPU thread each (every op runs on the GPU).
+    cpu flavour, ``C = serve.cpus`` cores (default: detected): ``C`` instances, each keeping one
+    core busy under load; a batch of at most 2 images (the server is not busy) runs on
+    ``min(C, 4)`` onnxruntime threads, and a batch of at least half ``max_batch_size`` (one big
+    request) is cut over ``min(C, 4)`` workers, so neither waits on one core. With one
+    instance every batch below the split size uses the threads. Measured on 2 cores against
+    the other layouts by ``benchmarks/serving.py --parts sweep`` (docs/benchmarks.md, Serving).
+    gpu flavour: 2 instances per GPU (one computes while the other's tensors are copied), 1
+    CPU thread each (every op runs on the GPU).
     ``serve.instance_count`` / ``intra_op_threads`` / ``batch_workers`` > 0 override the rule.
     """
     flavour = flavour or cfg.flavour
     cpus = cfg.cpus if cfg.cpus > 0 else available_cpus()
-    rule = (2, 1, 1) if flavour == "gpu" else _cpu_rule(cpus)
+    rule = (2, 1, 1) if flavour == "gpu" else (cpus, min(cpus, 4), min(cpus, 4))
     given = (cfg.instance_count, cfg.intra_op_threads, cfg.batch_workers)
     names = ("instance_count", "intra_op_threads", "batch_workers")
-    values = tuple(g if g > 0 else r for g, r in zip(given, rule))
-    return Plan(flavour=flavour, cpus=cpus, instance_count=values[0], intra_op_threads=values[1], batch_workers=values[2],
-                derived=tuple(n for n, g in zip(names, given) if g <= 0))
-
-
-def _cpu_rule(cpus: int) -> tuple[int, int, int]:
-    """(instances, threads, batch workers) for ``cpus`` cores."""
-    return cpus, 1, 1
+    instances, threads, workers = (g if g > 0 else r for g, r in zip(given, rule))
+    split = max(2, cfg.max_batch_size // 2)
+    return Plan(
+        flavour=flavour, cpus=cpus, instance_count=instances, intra_op_threads=threads, batch_workers=workers,
+        small_batch=2 if instances > 1 else split - 1, split_batch=split,
+        derived=tuple(n for n, g in zip(names, given) if g <= 0),
+    )
 
 
 def describe(cfg: ServeConfig, sources: Iterable[ModelSource], flavour: str | None = None) -> ModelDescription:
@@ -304,10 +313,12 @@ def describe(cfg: ServeConfig, sources: Iterable[ModelSource], flavour: str | No
         onnx_sha256=newest.sha256,
         origin=newest.origin,
         intra_op_threads=str(layout.intra_op_threads),
-        batch_workers=str(layout.batch_workers),
     )
     if layout.flavour == "gpu":
         parameters["intra_op_thread_count"] = str(layout.intra_op_threads)  # Triton's onnxruntime backend reads this key
+    else:  # how the python stub runs a batch of each size (serving/triton_model.py)
+        parameters.update(batch_workers=str(layout.batch_workers), small_batch=str(layout.small_batch),
+                          split_batch=str(layout.split_batch))
     if cfg.tensorrt_precision not in ("FP16", "FP32"):
         raise RepositoryError(f"serve.tensorrt_precision {cfg.tensorrt_precision!r}: use FP16 or FP32")
     preferred = tuple(b for b in cfg.preferred_batch_sizes if b <= cfg.max_batch_size)

@@ -8,11 +8,15 @@ so it imports only numpy, onnxruntime and ``triton_python_backend_utils``.
 All requests of one dynamic batch are concatenated and run as ONE onnxruntime call, then
 split back per request: that is what makes Triton's dynamic batching pay off on CPU.
 
-Config parameters read here (rendered by ``serving/repository.py``): ``intra_op_threads``
-(onnxruntime threads inside each operator) and ``batch_workers`` (a batch of at least that many
-images is cut into that many slices run at once on the one session, each slice on its own
-thread: data parallelism across cores, which small convolutions use better than operator
-threads). The plan derives both from the cores Triton is given.
+How a batch of ``b`` images runs depends on ``b`` (config parameters rendered by
+``serving/repository.py`` from the plan, itself derived from the cores Triton is given):
+
+- ``b <= small_batch``: on a session with ``intra_op_threads`` threads (no spinning), so a lone
+  request uses several cores (latency; a small batch means the server is not busy);
+- ``b >= split_batch``: cut into ``batch_workers`` slices run at once on a 1-thread session, each
+  on its own thread (session.run releases the GIL): data parallelism, which these small
+  convolutions use better than operator threads;
+- otherwise on the 1-thread session: under load every instance keeps one core busy.
 
 Where the time goes inside the stub is exported as Prometheus counters on Triton's metrics
 port (labels ``model``, ``version``, ``instance``): ``radsynth_backend_executions_total``,
@@ -69,19 +73,30 @@ class _Timing:
         self._last = time.monotonic_ns()
 
 
+def _session(path: str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if threads > 1:  # idle pool threads sleep instead of spinning on cores other instances use
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
 class TritonPythonModel:
-    """One onnxruntime session per model instance."""
+    """A 1-thread onnxruntime session per model instance, plus a threaded one for small batches."""
 
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
-        folder = os.path.join(args["model_repository"], args["model_version"])
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        options = ort.SessionOptions()
-        threads = int(params.get("intra_op_threads", "0") or 0)
-        if threads > 0:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(os.path.join(folder, "model.onnx"), options, providers=["CPUExecutionProvider"])
+        number = lambda key, default: max(int(params.get(key, "") or default), 1)  # noqa: E731
+        threads = number("intra_op_threads", 1)
+        self.workers = number("batch_workers", 1)
+        self.small_batch = number("small_batch", 1)
+        self.split_batch = number("split_batch", 2**31)
+        self.session = _session(path, 1)
+        self.threaded = _session(path, threads) if threads > 1 else None
+        self.pool = ThreadPoolExecutor(self.workers - 1) if self.workers > 1 else None
         onnx_inputs = {i.name: i for i in self.session.get_inputs()}
         # name, numpy dtype, rank expected by the ONNX graph (including the batch axis)
         self.inputs = [
@@ -90,8 +105,6 @@ class TritonPythonModel:
         ]
         self.outputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["output"]]
         self.output_names = [name for name, _ in self.outputs]
-        self.workers = max(int(params.get("batch_workers", "1") or 1), 1)
-        self.pool = ThreadPoolExecutor(self.workers - 1) if self.workers > 1 else None
         self.timing = _Timing({"model": args["model_name"], "version": args["model_version"], "instance": args["model_instance_name"]})
 
     def _array(self, request, name: str, dtype, rank: int) -> np.ndarray:
@@ -125,8 +138,10 @@ class TritonPythonModel:
         return responses
 
     def _run(self, feeds: dict, total: int) -> list:
-        """One session.run, or ``workers`` concurrent runs on slices of the batch (GIL released)."""
-        if self.pool is None or total < self.workers:
+        """``total`` images on the threaded session, the 1-thread one, or sliced over ``workers``."""
+        if self.threaded is not None and total <= self.small_batch:
+            return self.threaded.run(self.output_names, feeds)
+        if self.pool is None or total < max(self.split_batch, self.workers):
             return self.session.run(self.output_names, feeds)
         cuts = [total * k // self.workers for k in range(self.workers + 1)]
         slices = [{name: array[a:b] for name, array in feeds.items()} for a, b in zip(cuts, cuts[1:])]
@@ -139,4 +154,4 @@ class TritonPythonModel:
         self.timing.flush()
         if self.pool is not None:
             self.pool.shutdown()
-        self.session = None
+        self.session = self.threaded = None

@@ -58,6 +58,9 @@ def test_both_flavours_from_one_description(tiny, tmp_path):
         config.ClearField("backend"), config.ClearField("platform"), config.ClearField("default_model_filename")
         config.instance_group[0].ClearField("kind")
     del gpu.parameters["intra_op_thread_count"]
+    for key in ("batch_workers", "small_batch", "split_batch"):                  # the python stub's batch paths
+        assert key not in gpu.parameters
+        del cpu.parameters[key]
     assert cpu == gpu
 
 
@@ -76,13 +79,19 @@ def test_warmup_requests_match_the_inputs(tiny, tmp_path):
     assert not _parse(render_config(describe(off.serve, [local_source(MODEL, tiny[1])], "cpu"))).model_warmup
 
 
-@pytest.mark.parametrize("cpus, expected", [(1, (1, 1, 1)), (2, (2, 1, 1)), (4, (4, 1, 1)), (16, (16, 1, 1))])
-def test_cpu_plan_is_derived_from_the_cores(tmp_path, cpus, expected):
-    cfg = serving_params(tmp_path, **{"serve.cpus": cpus}).serve
+@pytest.mark.parametrize("cpus, expected", [(1, (1, 1, 1, 7)), (2, (2, 2, 2, 2)), (4, (4, 4, 4, 2)), (16, (16, 4, 4, 2))])
+def test_cpu_plan_is_derived_from_the_cores(tiny, tmp_path, cpus, expected):
+    """(instances, threads for a small batch, workers for a large one, small-batch limit)."""
+    cfg = serving_params(tmp_path, **{"serve.cpus": cpus}).serve                # tiny: max_batch_size 16
     layout = plan(cfg, "cpu")
-    assert (layout.instance_count, layout.intra_op_threads, layout.batch_workers) == expected
+    assert (layout.instance_count, layout.intra_op_threads, layout.batch_workers, layout.small_batch) == expected
+    assert layout.split_batch == 8
     assert layout.derived == ("instance_count", "intra_op_threads", "batch_workers")
     assert f"derived from {cpus} cores" in layout.describe()
+    config = _parse(render_config(describe(cfg, [local_source(MODEL, tiny[1])], "cpu")))
+    assert config.instance_group[0].count == expected[0]
+    assert [config.parameters[k].string_value for k in ("intra_op_threads", "batch_workers", "small_batch", "split_batch")] \
+        == [str(v) for v in (*expected[1:], 8)]
 
 
 def test_params_override_the_plan(tmp_path):

@@ -271,22 +271,23 @@ def test_serve_cli_starts_and_stops_cleanly_on_sigterm(triton, tmp_path):
         Client(f"127.0.0.1:{ports[1]}", retries=0).info
 
 
-def test_batch_workers_split_a_batch_and_keep_every_answer(tiny, tmp_path):
-    """A server whose one instance cuts each batch into 3 slices run at once: same images as
-    onnxruntime for batches below, at and above 3, and for concurrent requests merged into one batch."""
+def test_every_way_of_running_a_batch_keeps_every_answer(tiny, tmp_path):
+    """A server whose instances run batches of <= 2 on 2 threads, of >= 8 cut into 3 slices run
+    at once, others on 1 thread: the same images as onnxruntime on each path, also for
+    concurrent requests merged into one batch."""
     from serving.repository import repository_from_onnx
     from serving.server import TritonServer
     from tests.serving.conftest import serving_params
 
     params = serving_params(tmp_path, **{"serve.warmup": False})
-    repo = repository_from_onnx(params, tiny[1], tmp_path / "repo", flavour="cpu", instance_count=1, batch_workers=3,
-                                intra_op_threads=1, max_queue_delay_us=20000)
+    repo = repository_from_onnx(params, tiny[1], tmp_path / "repo", flavour="cpu", instance_count=2, batch_workers=3,
+                                intra_op_threads=2, max_queue_delay_us=20000)
     session = ort.InferenceSession(str(tiny[1]), providers=["CPUExecutionProvider"])
     with TritonServer(params.serve, repo) as server, Client(server.grpc_url) as c:
         z = z_from_seed(11, 16, c.info.z_dim)                                  # [16, z_dim]
         labels = np.arange(16) % len(CLASSES)
         expected = session.run(["image"], {"z": z, "class": labels})[0]
-        for n in (1, 2, 3, 7, 16):
+        for n in (1, 2, 3, 7, 8, 16):                                          # threaded, 1 thread, sliced
             np.testing.assert_allclose(c.infer(z[:n], labels[:n]), expected[:n], atol=ATOL)
         start = threading.Barrier(4)
 
