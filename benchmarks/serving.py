@@ -10,7 +10,7 @@ untrained generator of the profile's ``model:`` section (``--variant`` to change
   onnxruntime thread and one per core.
 - ``triton``: a real tritonserver with the configuration the profile ships (instances and
   threads derived from the cores, ``serving.repository.plan``). One image per request, ``c``
-  requests in flight from tritonclient's asyncio gRPC API (the server batches them); one
+  requests in flight from tritonclient's async gRPC API (the server batches them); one
   request of ``b`` images; where the time of a c=1 request goes (client + gRPC, Triton's queue
   and compute statistics, the python stub, onnxruntime: Triton's own counters plus the
   model's ``radsynth_backend_*`` metrics); one ``Client.generate`` of ``--generate`` images.
@@ -32,7 +32,6 @@ the "other load" line says whether the machine was idle. Prints tables and write
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import http.client
 import itertools
@@ -105,57 +104,66 @@ def run_threads(call, concurrency: int, duration: float, warmup: float = 0.5) ->
     return _stats(flat, len(flat), elapsed)
 
 
-async def _triton_async(url: str, z_dim: int, concurrency: int, duration: float, warmup: float = 0.5,
-                        on_start=None, on_stop=None) -> dict:
-    """``concurrency`` one-image requests in flight for ``duration`` s (asyncio gRPC client).
+def triton_cell(url: str, z_dim: int, concurrency: int, duration: float, warmup: float = 0.5,
+                on_start=None, on_stop=None) -> dict:
+    """``concurrency`` one-image requests in flight for ``duration`` s: a closed loop on
+    tritonclient's async API (``async_infer``: each answer's callback sends that user's next
+    request), so the load generator spends little of the cores the server needs.
 
-    ``on_start`` / ``on_stop`` (sync callables) run when measuring starts and stops.
+    ``on_start`` / ``on_stop`` run when measuring starts and stops.
     """
+    import functools
+
     import tritonclient.grpc as grpcclient
-    import tritonclient.grpc.aio as aio
 
-    client = aio.InferenceServerClient(url)
+    client = grpcclient.InferenceServerClient(url)
     latencies: list[float] = []
-    state = {"measure": False, "stop": False}
+    errors: list[str] = []
+    state = {"measure": False, "stop": False, "open": concurrency}
+    lock = threading.Lock()
+    finished = threading.Event()
 
-    async def worker(k: int) -> None:
-        i = 0
-        while not state["stop"]:
-            z = z_from_seed(k * 1_000_000 + i, 1, z_dim)                       # [1, z_dim]
-            z_in = grpcclient.InferInput("z", [1, z_dim], "FP32")
-            z_in.set_data_from_numpy(z)
-            c_in = grpcclient.InferInput("class", [1, 1], "INT64")
-            c_in.set_data_from_numpy(np.array([[i % len(CLASSES)]], dtype=np.int64))
-            t0 = time.perf_counter()
-            result = await client.infer(MODEL, [z_in, c_in])
+    def send(k: int, i: int) -> None:
+        z_in = grpcclient.InferInput("z", [1, z_dim], "FP32")
+        z_in.set_data_from_numpy(z_from_seed(k * 1_000_000 + i, 1, z_dim))     # [1, z_dim]
+        c_in = grpcclient.InferInput("class", [1, 1], "INT64")
+        c_in.set_data_from_numpy(np.array([[i % len(CLASSES)]], dtype=np.int64))
+        client.async_infer(MODEL, [z_in, c_in], functools.partial(answered, k, i, time.perf_counter()))
+
+    def answered(k: int, i: int, t0: float, result, error) -> None:
+        elapsed = time.perf_counter() - t0
+        if error is None:
             result.as_numpy("image")
             if state["measure"]:
-                latencies.append(time.perf_counter() - t0)
-            i += 1
+                latencies.append(elapsed)
+        else:
+            errors.append(str(error))
+        if state["stop"] or error is not None:
+            with lock:
+                state["open"] -= 1
+                if state["open"] == 0:
+                    finished.set()
+            return
+        send(k, i + 1)
 
-    async def clock() -> float:
-        await asyncio.sleep(warmup)
-        if on_start:
-            on_start()
-        state["measure"] = True
-        start = time.perf_counter()
-        await asyncio.sleep(duration)
-        state["measure"] = False
-        elapsed = time.perf_counter() - start
-        if on_stop:
-            on_stop()
-        state["stop"] = True
-        return elapsed
-
-    tasks = [asyncio.create_task(worker(k)) for k in range(concurrency)]
-    elapsed = await clock()
-    await asyncio.gather(*tasks)
-    await client.close()
+    for k in range(concurrency):
+        send(k, 0)
+    time.sleep(warmup)
+    if on_start:
+        on_start()
+    state["measure"] = True
+    start = time.perf_counter()
+    time.sleep(duration)
+    state["measure"] = False
+    elapsed = time.perf_counter() - start
+    if on_stop:
+        on_stop()
+    state["stop"] = True
+    finished.wait(120)
+    client.close()
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
     return _stats(latencies, len(latencies), elapsed)
-
-
-def triton_cell(url: str, z_dim: int, concurrency: int, duration: float, **hooks) -> dict:
-    return asyncio.run(_triton_async(url, z_dim, concurrency, duration, **hooks))
 
 
 def batch_throughput(call, batch: int, duration: float) -> dict:
@@ -240,6 +248,31 @@ class OtherLoad:
         return {"cpu_s": round(self._busy, 2), "mean_cores": round(self._busy / max(self.elapsed, 1e-9), 3),
                 "peak_cores_1s": round(self._peak, 2), "seconds": round(self.elapsed, 1),
                 "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except OSError:
+        return 0
+
+
+class CoresUsed:
+    """Cores used during a cell by this process (the load generator), tritonserver and its python stubs."""
+
+    def __init__(self, server_pid: int):
+        self.groups = {"client": [os.getpid()], "tritonserver": [server_pid],
+                       "python stubs": [pid for pid, (ppid, _) in OtherLoad._table().items() if ppid == server_pid]}
+
+    def snapshot(self) -> tuple[float, dict[str, int]]:
+        return time.perf_counter(), {name: sum(_ticks(p) for p in pids) for name, pids in self.groups.items()}
+
+    @staticmethod
+    def between(a, b) -> dict[str, float]:
+        seconds = b[0] - a[0]
+        return {name: round((b[1][name] - a[1][name]) / os.sysconf("SC_CLK_TCK") / seconds, 2) for name in a[1]}
 
 
 # --------------------------------------------------------------------------------------
@@ -401,14 +434,16 @@ def measure_triton(onnx_path: Path, z_dim: int, work: Path, profile: str, concur
     with triton_server(onnx_path, work, profile) as (server, tparams, layout):
         out["settings"] = settings_of(tparams, layout)
         out["plan"] = layout.describe()
+        cores = CoresUsed(server.process.pid)
         with Client(server.grpc_url, timeout_s=300) as client:
             for c in concurrency:
                 marks: dict = {}
-                hooks = {"on_start": lambda: marks.update(before=server_counters(client, server.metrics_url)),
-                         "on_stop": lambda: marks.update(after=server_counters(client, server.metrics_url))}
+                hooks = {"on_start": lambda: marks.update(before=server_counters(client, server.metrics_url), t0=cores.snapshot()),
+                         "on_stop": lambda: marks.update(t1=cores.snapshot(), after=server_counters(client, server.metrics_url))}
                 cell = triton_cell(server.grpc_url, z_dim, c, duration, **hooks)
                 d = {k: marks["after"][k] - marks["before"][k] for k in ("count", "executions")}
                 cell["mean_server_batch"] = d["count"] / max(d["executions"], 1)
+                cell["cores"] = CoresUsed.between(marks["t0"], marks["t1"])
                 if c == 1:
                     time.sleep(0.3)  # let the stub flush its counters (every 0.2 s)
                     out["c1_breakdown"] = breakdown(marks["before"], server_counters(client, server.metrics_url), cell["mean_ms"])
@@ -439,12 +474,11 @@ def measure_triton(onnx_path: Path, z_dim: int, work: Path, profile: str, concur
 
 
 def layouts(cores: int) -> list[tuple[int, int, int]]:
-    """(instances, threads, batch workers) to try: 1, cores/2 or cores instances, each with
-    1 thread, ``cores`` operator threads, or its batches split over ``cores`` workers."""
-    out = set()
-    for i in {1, max(cores // 2, 1), cores}:
-        out.update({(i, 1, 1), (i, cores, 1), (i, 1, cores)})
-    return sorted(out)
+    """(instances, threads, batch workers) to try, with ``T = min(cores, 4)``: one instance with
+    T threads (and T workers for big batches), one 1-thread instance per core, and one instance
+    per core with T threads for small batches and/or T workers for big ones (the rule)."""
+    t = min(cores, 4)
+    return sorted({(1, t, 1), (1, t, t), (cores, 1, 1), (cores, t, 1), (cores, 1, t), (cores, t, t)})
 
 
 def _parse_layout(text: str) -> tuple[int, int, int]:
@@ -570,6 +604,7 @@ def print_report(results: dict) -> None:
             for c, cell in (part or {}).get("single", {}).items():
                 extra = f"  ({cell['threads']} thread(s))" if "threads" in cell else ""
                 extra += f"  (mean server batch {cell['mean_server_batch']:.1f})" if "mean_server_batch" in cell else ""
+                extra += "  cores: " + ", ".join(f"{k} {v:.2f}" for k, v in cell["cores"].items()) if "cores" in cell else ""
                 print(f"{name:28s} {c:>3s} {cell['p50_ms']:8.2f} {cell['p99_ms']:8.2f} {cell['images_per_s']:9.1f}{extra}")
     if ort and tri:
         print("\none request of b images (images/s)")
@@ -583,7 +618,7 @@ def print_report(results: dict) -> None:
     if tri and "c1_breakdown" in tri:
         sync = tri.get("sync_c1", {}).get("breakdown")
         bd = tri["c1_breakdown"]
-        print(f"\nwhere a c=1 request's time goes (mean ms; asyncio client over {bd['requests']} requests"
+        print(f"\nwhere a c=1 request's time goes (mean ms; async_infer client over {bd['requests']} requests"
               + (f", blocking Client.infer over {sync['requests']}" if sync else "") + ")")
         for name, ms in bd["parts_ms"].items():
             print(f"  {ms:7.3f}" + (f" {sync['parts_ms'][name]:7.3f}" if sync else "") + f"  {name}")
