@@ -402,6 +402,15 @@ def server_counters(client, metrics_url: str) -> dict:
     return out
 
 
+def settled_counters(client, metrics_url: str, z_dim: int) -> dict:
+    """``server_counters`` once the stub has pushed every execution: after a pause longer than
+    its flush interval, one more 1-image request makes it flush (that request is in both
+    Triton's statistics and the stub's counters, so the two stay comparable)."""
+    time.sleep(0.25)
+    client.infer(z_from_seed(0, 1, z_dim), [0])
+    return server_counters(client, metrics_url)
+
+
 def breakdown(before: dict, after: dict, client_mean_ms: float) -> dict:
     """Mean ms per request, from counter deltas (valid at c=1: one request per execution)."""
     d = {k: after[k] - before[k] for k in after}
@@ -445,15 +454,13 @@ def measure_triton(onnx_path: Path, z_dim: int, work: Path, profile: str, concur
                 cell["mean_server_batch"] = d["count"] / max(d["executions"], 1)
                 cell["cores"] = CoresUsed.between(marks["t0"], marks["t1"])
                 if c == 1:
-                    time.sleep(0.3)  # let the stub flush its counters (every 0.2 s)
-                    out["c1_breakdown"] = breakdown(marks["before"], server_counters(client, server.metrics_url), cell["mean_ms"])
+                    out["c1_breakdown"] = breakdown(marks["before"], settled_counters(client, server.metrics_url, z_dim), cell["mean_ms"])
                 out["single"][str(c)] = cell
             if 1 in concurrency:  # the same c=1 cell through the project's blocking client (Client.infer)
-                before = server_counters(client, server.metrics_url)
+                before = settled_counters(client, server.metrics_url, z_dim)
                 cell = run_threads(lambda i: client.infer(z_from_seed(i, 1, z_dim), [i % len(CLASSES)]), 1, duration)
-                time.sleep(0.3)
                 # counters span the 0.5 s warm-up too: the breakdown's means still hold (every request alike)
-                out["sync_c1"] = {**cell, "breakdown": breakdown(before, server_counters(client, server.metrics_url), cell["mean_ms"])}
+                out["sync_c1"] = {**cell, "breakdown": breakdown(before, settled_counters(client, server.metrics_url, z_dim), cell["mean_ms"])}
             for b in batches:
                 feeds = _inputs(b, z_dim)
                 out["batch"][str(b)] = batch_throughput(lambda: client.infer(feeds["z"], feeds["class"]), b, duration)
