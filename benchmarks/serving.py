@@ -27,6 +27,14 @@ the "other load" line says whether the machine was idle. Prints tables and write
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/serving.py --variant pgcgan-sa --duration 3 --plot docs/img/serving_batch_curve.png
     PYTHONPATH=$PWD .venv/bin/python benchmarks/serving.py --variant pgcgan-sa --parts sweep --duration 1.5
+
+``--flavour gpu`` (a GPU machine with onnxruntime-gpu and a tritonserver that has the
+onnxruntime backend): the ORT limit on the CUDA provider, Triton's gpu flavour (instance groups
+per GPU, warmup, ``serve.tensorrt`` via ``--set``-free profile params); the step for
+``benchmarks/gpu_check.sh``:
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/serving.py --flavour gpu --profile gpu --parts ort triton \
+        --duration 3 --out benchmarks/results/serving_gpu.json
 """
 
 from __future__ import annotations
@@ -297,12 +305,21 @@ def make_model(params: Params, resolution: int, work: Path):
     return G, work / "generator.onnx", work / "G.safetensors"
 
 
+FLAVOUR = {"name": "cpu"}                      # --flavour: which Triton flavour and ORT provider are measured
+
+
 def ort_session(onnx_path: Path, threads: int):
+    """An in-process session: CPU provider (cpu flavour) or CUDA (gpu flavour, the limit there)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if FLAVOUR["name"] == "gpu":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise SystemExit(f"--flavour gpu: this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider "
+                             f"(providers: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu")
+        return ort.InferenceSession(str(onnx_path), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
@@ -317,7 +334,7 @@ def measure_ort(onnx_path: Path, z_dim: int, cores: int, concurrency: list[int],
     threads, or cut into ``cores`` slices run at once on a 1-thread session (data parallel)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    sessions = {t: ort_session(onnx_path, t) for t in sorted({1, cores})}
+    sessions = {t: ort_session(onnx_path, t) for t in (sorted({1, cores}) if FLAVOUR["name"] == "cpu" else [1])}
     pool = ThreadPoolExecutor(cores)
     out: dict = {"single": {}, "batch": {}}
     for c in concurrency:
@@ -331,7 +348,7 @@ def measure_ort(onnx_path: Path, z_dim: int, cores: int, concurrency: list[int],
     for b in batches:
         feeds = _inputs(b, z_dim)
         cells = {str(t): batch_throughput(lambda s=s: s.run(["image"], feeds), b, duration) for t, s in sessions.items()}
-        if cores > 1 and b >= cores:
+        if FLAVOUR["name"] == "cpu" and cores > 1 and b >= cores:
             cuts = [b * k // cores for k in range(cores + 1)]
             slices = [{k: v[lo:hi] for k, v in feeds.items()} for lo, hi in zip(cuts, cuts[1:])]
             split = lambda: list(pool.map(lambda f: sessions[1].run(["image"], f), slices))  # noqa: E731
@@ -352,7 +369,7 @@ def triton_server(onnx_path: Path, work: Path, profile: str, overrides: dict | N
     values = {
         "serve.onnx": {MODEL: str(onnx_path)}, "serve.models": [MODEL], "serve.repository": str(repo),
         "serve.http_port": free_port(), "serve.grpc_port": free_port(), "serve.metrics_port": free_port(),
-        **(overrides or {}),
+        "serve.flavour": FLAVOUR["name"], **(overrides or {}),
     }
     tparams = load_params(ROOT / "params.yaml", profile=profile, overrides=values)
     build_repository(tparams)
@@ -416,6 +433,8 @@ def breakdown(before: dict, after: dict, client_mean_ms: float) -> dict:
     d = {k: after[k] - before[k] for k in after}
     requests = max(d["count"], 1)
     per = lambda ns: ns / requests / 1e6  # noqa: E731
+    if not d["stub_executions"]:  # gpu flavour: Triton's onnxruntime backend, no python stub
+        d["stub_execute_us"] = d["stub_onnxruntime_us"] = d["compute_infer_ns"] / 1e3
     stub_runs = max(d["stub_executions"], 1)
     execute_ms = d["stub_execute_us"] / stub_runs / 1e3
     model_ms = d["stub_onnxruntime_us"] / stub_runs / 1e3
@@ -659,7 +678,7 @@ def plot_batch_curve(results: dict, path: Path) -> None:
     sizes = [int(b) for b in ort]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     ax.plot(sizes, [ort[str(b)]["images_per_s"] for b in sizes], "o-", label="ONNX Runtime in-process")
-    ax.plot(sizes, [tri[str(b)]["images_per_s"] for b in sizes if str(b) in tri], "s-", label="Triton gRPC (cpu flavour)")
+    ax.plot(sizes, [tri[str(b)]["images_per_s"] for b in sizes if str(b) in tri], "s-", label=f"Triton gRPC ({results.get('flavour', 'cpu')} flavour)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.set_xlabel("images per request (batch)")
@@ -679,6 +698,9 @@ def plot_batch_curve(results: dict, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--flavour", choices=("cpu", "gpu"), default="cpu",
+                    help="gpu: ORT in-process on the CUDA provider and Triton's gpu flavour (onnxruntime_onnx, KIND_GPU); "
+                         "on gpu the breakdown's 'model' line is Triton's compute infer (no python stub)")
     ap.add_argument("--profile", default="cpu", help="params profile: model: section and shipped serve: settings (default cpu)")
     ap.add_argument("--variant", default="", help="model.variant to build (default: the profile's)")
     ap.add_argument("--resolution", type=int, default=64)
@@ -694,6 +716,7 @@ def main() -> int:
     ap.add_argument("--plot", type=Path, default=None, help="write the batch curve (ORT vs Triton) as PNG here")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving.json")
     args = ap.parse_args()
+    FLAVOUR["name"] = args.flavour
 
     import onnxruntime as ort
     import torch
@@ -712,7 +735,7 @@ def main() -> int:
                   "parameters": int(sum(p.numel() for p in G.parameters()))},
         "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "onnxruntime": ort.__version__},
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "duration_s": args.duration,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "duration_s": args.duration, "flavour": args.flavour,
     }
     print(f"model {params.model.variant} {args.resolution}x{args.resolution}, z_dim {z_dim}, "
           f"{results['model']['parameters'] / 1e6:.2f} M parameters; {cores} cores", flush=True)
