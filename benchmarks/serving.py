@@ -30,7 +30,7 @@ the "other load" line says whether the machine was idle. Prints tables and write
 
 ``--flavour gpu`` (a GPU machine with onnxruntime-gpu and a tritonserver that has the
 onnxruntime backend): the ORT limit on the CUDA provider, Triton's gpu flavour (instance groups
-per GPU, warmup, ``serve.tensorrt`` via ``--set``-free profile params); the step for
+per GPU, warmup; ``--set serve.tensorrt=true`` for the TensorRT provider); the step for
 ``benchmarks/gpu_check.sh``:
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/serving.py --flavour gpu --profile gpu --parts ort triton \
@@ -306,6 +306,7 @@ def make_model(params: Params, resolution: int, work: Path):
 
 
 FLAVOUR = {"name": "cpu"}                      # --flavour: which Triton flavour and ORT provider are measured
+SERVE_OVERRIDES: dict = {}                     # --set serve.KEY=VALUE for every Triton started here
 
 
 def ort_session(onnx_path: Path, threads: int):
@@ -369,7 +370,7 @@ def triton_server(onnx_path: Path, work: Path, profile: str, overrides: dict | N
     values = {
         "serve.onnx": {MODEL: str(onnx_path)}, "serve.models": [MODEL], "serve.repository": str(repo),
         "serve.http_port": free_port(), "serve.grpc_port": free_port(), "serve.metrics_port": free_port(),
-        "serve.flavour": FLAVOUR["name"], **(overrides or {}),
+        "serve.flavour": FLAVOUR["name"], **SERVE_OVERRIDES, **(overrides or {}),
     }
     tparams = load_params(ROOT / "params.yaml", profile=profile, overrides=values)
     build_repository(tparams)
@@ -701,6 +702,8 @@ def main() -> int:
     ap.add_argument("--flavour", choices=("cpu", "gpu"), default="cpu",
                     help="gpu: ORT in-process on the CUDA provider and Triton's gpu flavour (onnxruntime_onnx, KIND_GPU); "
                          "on gpu the breakdown's 'model' line is Triton's compute infer (no python stub)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="serve.* setting for every Triton started here, e.g. serve.tensorrt=true (repeatable)")
     ap.add_argument("--profile", default="cpu", help="params profile: model: section and shipped serve: settings (default cpu)")
     ap.add_argument("--variant", default="", help="model.variant to build (default: the profile's)")
     ap.add_argument("--resolution", type=int, default=64)
@@ -717,6 +720,14 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving.json")
     args = ap.parse_args()
     FLAVOUR["name"] = args.flavour
+    from radsynth.config import ConfigError, parse_override
+
+    try:
+        SERVE_OVERRIDES.update(parse_override(text) for text in args.overrides)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    if any(not key.startswith("serve.") for key in SERVE_OVERRIDES):
+        raise SystemExit("--set: only serve.* keys (the model is built from the profile)")
 
     import onnxruntime as ort
     import torch
