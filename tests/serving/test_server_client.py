@@ -281,7 +281,8 @@ def test_every_way_of_running_a_batch_keeps_every_answer(tiny, tmp_path):
 
     params = serving_params(tmp_path, **{"serve.warmup": False})
     repo = repository_from_onnx(params, tiny[1], tmp_path / "repo", flavour="cpu", instance_count=2, batch_workers=3,
-                                intra_op_threads=2, max_queue_delay_us=20000)
+                                intra_op_threads=2, max_queue_delay_us=200_000, preferred_batch_sizes=())
+    # no preferred size: the batcher holds requests up to 0.2 s or until 16 images (four requests of 4) are queued
     session = ort.InferenceSession(str(tiny[1]), providers=["CPUExecutionProvider"])
     with TritonServer(params.serve, repo) as server, Client(server.grpc_url) as c:
         z = z_from_seed(11, 16, c.info.z_dim)                                  # [16, z_dim]
