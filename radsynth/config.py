@@ -244,10 +244,16 @@ class ServeConfig:
     repository: str = "artifacts/serve/model_repository"  # Triton model repository (built here)
     flavour: str = "cpu"                       # cpu: python backend + onnxruntime | gpu: onnxruntime_onnx, KIND_GPU
     max_batch_size: int = 64                   # largest batch one execution takes
-    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)  # dynamic batcher's targets
-    max_queue_delay_us: int = 2000             # how long a request may wait to be batched
-    instance_count: int = 1                    # model instances (per GPU on the gpu flavour)
-    intra_op_threads: int = 0                  # onnxruntime threads per instance (0: its default)
+    preferred_batch_sizes: tuple[int, ...] = ()  # dynamic batcher's targets (empty: run what is queued)
+    max_queue_delay_us: int = 0                # how long a request may wait to be batched
+    cpus: int = 0                              # cores Triton is given; 0: those this process may use (affinity, cgroup quota)
+    instance_count: int = 0                    # model instances (per GPU on gpu); 0: derived (serving.repository.plan)
+    intra_op_threads: int = 0                  # cpu: onnxruntime threads for a small batch; 0: derived
+    batch_workers: int = 0                     # cpu: slices a large batch is cut into, run at once; 0: derived
+    warmup: bool = True                        # model_warmup at batch 1 and max_batch_size when a model loads
+    gpus: tuple[int, ...] = ()                 # gpu flavour: one instance group per listed GPU; empty: every GPU
+    tensorrt: bool = False                     # gpu flavour: ONNX Runtime's TensorRT execution provider before CUDA
+    tensorrt_precision: str = "FP16"           # FP16 | FP32 (TensorRT only)
     host: str = "127.0.0.1"                    # address the server binds (0.0.0.0 in a container)
     http_port: int = 8000
     grpc_port: int = 8001
@@ -259,7 +265,8 @@ class ServeConfig:
     timeout_s: float = 30.0                    # client per-request timeout
     retries: int = 3                           # client retries on transient errors (unavailable, timeout)
     backoff_s: float = 0.2                     # first retry delay; doubles each retry
-    max_images_per_call: int = 64              # client refuses larger n (also capped by max_batch_size)
+    max_images_per_call: int = 64              # client: images per request (larger n is split; capped by max_batch_size)
+    max_in_flight: int = 0                     # client: requests in flight for a large n; 0: 2 per served instance
     model_control: str = "explicit"            # tritonserver --model-control-mode: explicit (`radsynth deploy` swaps versions live) | poll | none
     repository_poll_s: int = 15                # poll mode: seconds between repository scans
 
