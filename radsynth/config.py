@@ -248,6 +248,17 @@ class WebConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SigningConfig:
+    """`signing:` promotion signatures (owner: radsynth/signing.py; signed at promote, checked by serve)."""
+
+    required: bool = True                      # serve refuses a registry version without a valid signature
+    key_env: str = "RADSYNTH_SIGNING_KEY"      # private key (base64), from a Secret only the register step mounts
+    key_file: str = ".radsynth-signing-key"    # else this git-ignored file (created on the first local promotion)
+    public_key_env: str = "RADSYNTH_VERIFY_KEY"  # public key (base64) where serving verifies (Triton's init container)
+    public_key_file: str = ""                  # else this file; "": derived from key_file on this machine
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """`pipeline:` Kubeflow image, resources, DVC wiring (owner: pipelines/)."""
 
@@ -295,6 +306,8 @@ class Params:
     serve: ServeConfig = ServeConfig()
 
     web: WebConfig = WebConfig()
+
+    signing: SigningConfig = SigningConfig()
 
     pipeline: PipelineConfig = PipelineConfig()
 

@@ -40,7 +40,7 @@ import threading
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -469,12 +469,14 @@ def check_header(header: Header, limits: Limits) -> None:
                          f"{limits.min_side}x{limits.min_side}", "too_small", size=(header.columns, header.rows))
 
 
-def read_guarded(src: str | Path | bytes, limits: Limits) -> DicomFile:
+def read_guarded(src: str | Path | bytes, limits: Limits, inspect: Callable[[Any], None] | None = None) -> DicomFile:
     """THE guarded read: bytes capped, Deflated body capped, header checked, codestream sized.
 
     Args:
         src: a path or the file's bytes.
         limits: what the read may cost (pixel cap, size floor, byte caps).
+        inspect: called with the header-only dataset before the image checks (so a caller's own
+            refusals, e.g. ingest's modality, come first); it may raise :class:`ImageError`.
 
     Returns:
         The :class:`DicomFile` (pixels present, not decoded); decode with :func:`dicom_to_array`.
@@ -486,6 +488,8 @@ def read_guarded(src: str | Path | bytes, limits: Limits) -> DicomFile:
     data, deflated = plain_bytes(_load_bytes(src, limits.max_bytes), limits)
     head = _parse(data, True)
     _check_parsed(head, True)
+    if inspect is not None:
+        inspect(head)
     if not _is_image_object(head):
         raise ImageError("DICOM file has no pixel data (not an image object: report, SR, presentation state?)", "no_pixel_data")
     header = dataclasses.replace(read_header(head), deflated=deflated)

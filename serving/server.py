@@ -12,6 +12,16 @@ Python use::
     with TritonServer(params.serve, repository) as server:   # start() + wait_ready()
         print(server.grpc_url)
     # stop() on exit: SIGTERM, then SIGKILL after a grace period
+
+Exposure: the server binds ``serve.host`` (127.0.0.1 by default, also for metrics; 0.0.0.0 only
+in the Kubernetes manifests, behind a Service). Only Triton's inference, health and metadata
+APIs are open. Model config and statistics need the *read key* header (``radsynth-read-key``:
+``$RADSYNTH_TRITON_READ_KEY``, else ``triton-read.key`` beside the model repository, created
+once with mode 0600; radsynth's client sends it). Shared memory, model repository, trace and
+logging need an *admin key* that is random per start unless ``$RADSYNTH_TRITON_ADMIN_KEY`` is
+set, so by default nobody can register a shared-memory region or change the server's settings.
+(Triton takes the keys on its command line, so local users can read them with ``ps``: they
+gate APIs on a host you trust; on a cluster the pod is the boundary.)
 """
 
 from __future__ import annotations
@@ -36,6 +46,51 @@ from radsynth.errors import RadsynthError
 
 class ServerError(RadsynthError):
     """tritonserver could not be found, started, or did not become ready."""
+
+
+READ_KEY_ENV = "RADSYNTH_TRITON_READ_KEY"      # key of the model-config / statistics APIs (clients send it)
+ADMIN_KEY_ENV = "RADSYNTH_TRITON_ADMIN_KEY"    # key of shared-memory / repository / trace / logging (random if unset)
+READ_KEY_HEADER = "radsynth-read-key"
+ADMIN_KEY_HEADER = "radsynth-admin-key"
+READ_APIS = ("model-config", "statistics")
+ADMIN_APIS = ("shared-memory", "model-repository", "trace", "logging")
+OPEN_APIS = ("health", "metadata", "inference")
+
+
+def read_key_file(cfg: ServeConfig) -> Path:
+    """Where ``radsynth serve`` keeps the read key: beside the model repository."""
+    return Path(cfg.repository).resolve().parent / "triton-read.key"
+
+
+def read_key(cfg: ServeConfig, create: bool = False) -> str:
+    """The read key: ``$RADSYNTH_TRITON_READ_KEY``, else the key file (created 0600 when ``create``); "" if none."""
+    key = os.environ.get(READ_KEY_ENV, "").strip()
+    if key:
+        return key
+    path = read_key_file(cfg)
+    if not path.is_file() and create:
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(24) + "\n")
+        except FileExistsError:
+            pass
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def restricted_api_flags(read: str, admin: str) -> list[str]:
+    """tritonserver flags that leave only inference, health and metadata open (gRPC and HTTP)."""
+    flags = []
+    for apis, header, key in ((READ_APIS, READ_KEY_HEADER, read), (ADMIN_APIS, ADMIN_KEY_HEADER, admin)):
+        flags.append(f"--grpc-restricted-protocol={','.join(apis)}:{header}={key}")
+        flags.append(f"--http-restricted-api={','.join(apis)}:{header}={key}")
+    return flags
 
 
 def find_tritonserver() -> tuple[Path, Path | None]:
@@ -122,6 +177,11 @@ class TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="radsynth-triton-"))
         self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
+        import secrets
+
+        self.read_key = read_key(cfg, create=True)
+        os.environ.setdefault(READ_KEY_ENV, self.read_key)  # clients of this process (and its children) send it
+        self._admin_key = os.environ.get(ADMIN_KEY_ENV, "").strip() or secrets.token_urlsafe(24)
 
     @property
     def _client_host(self) -> str:
@@ -151,6 +211,7 @@ class TritonServer:
             f"--metrics-address={self.cfg.host}", f"--metrics-port={self.cfg.metrics_port}",
             "--exit-on-error=true", "--strict-readiness=true", "--disable-auto-complete-config",
             f"--log-verbose={self.cfg.log_verbose}",
+            *restricted_api_flags(self.read_key, self._admin_key),
         ]
         if dist is not None:
             cmd.append(f"--backend-directory={_prepare_backends(dist, self._workdir)}")

@@ -27,6 +27,8 @@ from tests.conftest import FIXTURES
 
 CHEST_DX = FIXTURES / "chest_DX_nih_nhsx.dcm"
 NAME_IN_A_NUMBER = "DOE^JANE"                   # a patient name where Number of Frames belongs
+ACCESSION = "ACC77770001"                      # planted identifiers (the fixture has neither)
+INSTITUTION = "St Elsewhere General"
 
 # A 354-byte JPEG 2000 codestream of an 8192 x 8192 black image (openjpeg.encode of zeros,
 # compression ratio 2000): decoding it allocates 64 MiB of pixels and far more in the codec.
@@ -49,7 +51,7 @@ def identifiers() -> list[str]:
     values = [str(v) for v in (ds.get("PatientName"), ds.get("PatientID"), ds.get("StudyInstanceUID"),
                                ds.get("SOPInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("InstitutionName"),
                                ds.get("AccessionNumber")) if v]
-    return [v for v in values if len(v) >= 5] + [NAME_IN_A_NUMBER, "DOE", "JANE"]
+    return [v for v in values if len(v) >= 5] + [NAME_IN_A_NUMBER, "DOE", "JANE", ACCESSION, INSTITUTION]
 
 
 def dataset(rows: int = 64, cols: int = 64, **changes) -> pydicom.Dataset:
@@ -61,6 +63,7 @@ def dataset(rows: int = 64, cols: int = 64, **changes) -> pydicom.Dataset:
     ds.HighBit = 7
     ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
     ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.AccessionNumber, ds.InstitutionName = ACCESSION, INSTITUTION
     ds.PixelData = (np.add.outer(np.arange(rows), np.arange(cols)) * 3 % 256).astype(np.uint8).tobytes()
     for key, value in changes.items():
         setattr(ds, key, value)
