@@ -272,6 +272,8 @@ class PipelineConfig:
     data_pvc: str = ""                         # PVC holding the DVC-pulled export; "" -> no mount
     data_mount: str = "/mnt/data"              # where data_pvc is mounted in every task
     salt_secret: str = ""                      # Secret whose key RADSYNTH_SALT feeds ingest's salt ("" -> none)
+    signing_secret: str = ""                   # Secret whose key RADSYNTH_SIGNING_KEY only the register step mounts ("" -> none)
+    mlflow_auth_secret: str = ""               # Secret with MLflow username/password for tracking tasks ("" -> none)
     train_gpus: int = 0                        # GPUs per training-stage task; 0 -> CPU only
     gpu_resource: str = "nvidia.com/gpu"       # accelerator resource name
     gpu_node_selector: str = ""                # "label=value" that training nodes carry ("" -> any)

@@ -39,6 +39,9 @@ from radsynth.latent import new_seed, z_from_seed
 DEFAULT_MODEL = "radsynth-generator"
 READ_KEY_ENV = "RADSYNTH_TRITON_READ_KEY"     # key for Triton's restricted model-config / statistics APIs
 READ_KEY_HEADER = "radsynth-read-key"
+ADMIN_KEY_ENV = "RADSYNTH_TRITON_ADMIN_KEY"   # key for the repository index (and other admin APIs), when this process has it
+ADMIN_KEY_HEADER = "radsynth-admin-key"
+GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"  # Triton expects restricted-protocol headers under this prefix on gRPC
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 _TRANSIENT = {
     "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
@@ -118,6 +121,8 @@ def _is_transient(exc: Exception) -> bool:
         return True
     status = _status(exc)
     text = _message(exc).lower()
+    if "restricted" in text:  # a missing/wrong key: retrying cannot help
+        return False
     return status in _TRANSIENT or "failed to connect" in text or "connection refused" in text
 
 
@@ -158,11 +163,17 @@ class Client:
         self.retries = max(int(retries), 0)
         self.backoff_s = float(backoff_s)
         self.max_images_per_call = int(max_images_per_call)
-        if headers is None:
-            import os
+        import os
 
+        if headers is None:
             key = os.environ.get(READ_KEY_ENV, "")
             headers = {READ_KEY_HEADER: key} if key else {}
+        admin = os.environ.get(ADMIN_KEY_ENV, "")
+        if admin and ADMIN_KEY_HEADER not in headers:
+            headers = {**headers, ADMIN_KEY_HEADER: admin}
+        if protocol == "grpc":
+            restricted = (READ_KEY_HEADER, ADMIN_KEY_HEADER)
+            headers = {(GRPC_RESTRICTED_PREFIX + k if k in restricted else k): v for k, v in headers.items()}
         self.headers = dict(headers)
         if protocol == "grpc":
             import tritonclient.grpc as tc

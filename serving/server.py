@@ -19,7 +19,9 @@ APIs are open. Model config and statistics need the *read key* header (``radsynt
 ``$RADSYNTH_TRITON_READ_KEY``, else ``triton-read.key`` beside the model repository, created
 once with mode 0600; radsynth's client sends it). Shared memory, model repository, trace and
 logging need an *admin key* that is random per start unless ``$RADSYNTH_TRITON_ADMIN_KEY`` is
-set, so by default nobody can register a shared-memory region or change the server's settings.
+set (it is put in the environment of the process that started the server only), so by default
+no other process can register a shared-memory region, load or unload a model, or change the
+server's settings.
 (Triton takes the keys on its command line, so local users can read them with ``ps``: they
 gate APIs on a host you trust; on a cluster the pod is the boundary.)
 """
@@ -180,8 +182,11 @@ class TritonServer:
         import secrets
 
         self.read_key = read_key(cfg, create=True)
-        os.environ.setdefault(READ_KEY_ENV, self.read_key)  # clients of this process (and its children) send it
         self._admin_key = os.environ.get(ADMIN_KEY_ENV, "").strip() or secrets.token_urlsafe(24)
+        # Clients of the process that started the server (tests, benchmarks, `radsynth serve` itself)
+        # send both keys; no other process learns the admin key (it is never written anywhere).
+        os.environ.setdefault(READ_KEY_ENV, self.read_key)
+        os.environ.setdefault(ADMIN_KEY_ENV, self._admin_key)
 
     @property
     def _client_host(self) -> str:

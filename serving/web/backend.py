@@ -371,7 +371,8 @@ class TritonBackend:
         return info
 
     def health(self) -> ModelInfo:
-        """As :meth:`model_info` but never waits on the registry (``/healthz``)."""
+        """As :meth:`model_info` but never waits on the registry, and all within 1 s (``/healthz``)."""
+        self.begin_request(min(1.0, self.cfg.request_deadline_s))
         self._check_ready(self.cfg.health_timeout_s)
         served = self._served_facts()
         info = self._info(served, self._registry_facts(0.0))
