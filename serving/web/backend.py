@@ -186,6 +186,7 @@ class TritonBackend:
         self._served: _Served | None = None
         self._registry_lock = threading.Lock()
         self._registry: RegistryFacts | None = None
+        self._registry_good: RegistryFacts | None = None  # the last read that succeeded
         self._refreshing: threading.Thread | None = None
         self._first_read = threading.Event()
         limit_mlflow_http(self.cfg.registry_timeout_s)
@@ -311,11 +312,14 @@ class TritonBackend:
     def _refresh_registry(self) -> None:
         try:
             version, metrics, unavailable, tags, note = registry_facts(self.params)
-            facts = RegistryFacts(version, metrics, unavailable, tags, note, time.monotonic())
-            old = self._registry
-            if note is not None and old is not None and old.note is None:  # keep the last good read, say it is stale
-                facts = dataclasses.replace(old, note=f"{note}; showing facts read {time.monotonic() - old.at:.0f} s ago")
-                facts = dataclasses.replace(facts, at=time.monotonic() - self.cfg.model_info_ttl_s / 2)  # retry sooner
+            now = time.monotonic()
+            facts = RegistryFacts(version, metrics, unavailable, tags, note, now)
+            good = self._registry_good
+            if note is None:
+                self._registry_good = facts
+            elif good is not None:  # keep the last good read (through any number of failed refreshes), say it is stale
+                facts = dataclasses.replace(good, note=f"{note}; showing facts read {now - good.at:.0f} s ago",
+                                            at=now - self.cfg.model_info_ttl_s / 2)  # retry sooner
             self._registry = facts
         except Exception as exc:  # never let the refresher die silently
             log.warning("registry refresh failed: %s", type(exc).__name__)
