@@ -114,9 +114,9 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
     import tempfile
 
     import mlflow
-    import onnx
     from mlflow.tracking import MlflowClient
 
+    from components.register import log_onnx_model
     from radsynth.io import sha256_file
     from radsynth.tracking import provenance, setup_mlflow
 
@@ -135,11 +135,11 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
     }
     with mlflow.start_run(run_name=STEP) as run:
         mlflow.log_params({k: v for k, v in params.to_dict()["web"].items() if k.startswith("encoder_")})
-        mlflow.log_metrics({"recon_ssim": summary["recon_ssim"], "recon_mse": summary["recon_mse"],
-                            "recon_ssim_random_z": summary["recon_ssim_random_z"], "final_loss": summary["final_loss"]})
         mlflow.set_tags(tags)
-        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name,
-                                     save_as_external_data=False)
+        info = log_onnx_model(onnx_path, name)  # signature + input example; then the metrics, linked to it
+        mlflow.log_metrics({"recon_ssim": summary["recon_ssim"], "recon_mse": summary["recon_mse"],
+                            "recon_ssim_random_z": summary["recon_ssim_random_z"], "final_loss": summary["final_loss"]},
+                           model_id=info.model_id)
     client = MlflowClient()
     version = str(info.registered_model_version)
     # serving verifies the stored model.onnx against this tag: hash the file MLflow stored

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -177,6 +178,8 @@ class RegistryConfig:
     candidate_alias: str = "candidate"         # set on every new version
     champion_alias: str = "champion"           # what serving resolves; moved only through the gate
     history_tag: str = "champion_history"      # model tag: JSON list of past champion versions
+    card_grid_per_class: int = 8               # model card: samples per condition in its grid (same z in every row)
+    card_grid_seed: int = 7                    # model card: latent seed of that grid (radsynth.latent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +209,8 @@ class ServeConfig:
     retries: int = 3                           # client retries on transient errors (unavailable, timeout)
     backoff_s: float = 0.2                     # first retry delay; doubles each retry
     max_images_per_call: int = 64              # client refuses larger n (also capped by max_batch_size)
+    model_control: str = "explicit"            # tritonserver --model-control-mode: explicit (`radsynth deploy` swaps versions live) | poll | none
+    repository_poll_s: int = 15                # poll mode: seconds between repository scans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +250,21 @@ class WebConfig:
     encoder_prior_weight: float = 0.001        # weight of the latent prior term mean(z**2)
     encoder_channels: int = 64                 # width of the first encoder conv (doubles per halving, capped x8)
     encoder_opset: int = 17                    # ONNX opset of encoder.onnx
+    download_ttl_s: int = 3600                 # an upload-seeded page's download links work this long (and until a restart)
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesizeConfig:
+    """`synthesize:` bulk synthetic datasets through Triton (owner: components/synthesize.py)."""
+
+    alias: str = "champion"                    # registry alias of the generator (--version picks one exactly)
+    per_condition: int = 100                   # images per condition (class-balanced), when total is 0
+    total: int = 0                             # images in all; 0: per_condition x number of conditions
+    mix: dict[str, float] = dataclasses.field(default_factory=dict)  # condition -> share of total ({}: balanced)
+    seed: int = 20250                          # condition k (model class index) uses latent seed seed + k
+    format: str = "png"                        # png | dicom
+    url: str = ""                              # a running Triton (host:port) serving that version; "": start a private one
+    out: str = ""                              # output folder; "": <paths.artifacts>/synthesize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +294,7 @@ class PipelineConfig:
     salt_secret: str = ""                      # Secret whose key RADSYNTH_SALT feeds ingest's salt ("" -> none)
     signing_secret: str = ""                   # Secret whose key RADSYNTH_SIGNING_KEY only the register step mounts ("" -> none)
     mlflow_auth_secret: str = ""               # Secret with MLflow username/password for tracking tasks ("" -> none)
+    signing_public_configmap: str = ""         # ConfigMap (key public_key) with the verifying key, for tasks that serve ("" -> none)
     train_gpus: int = 0                        # GPUs per training-stage task; 0 -> CPU only
     gpu_resource: str = "nvidia.com/gpu"       # accelerator resource name
     gpu_node_selector: str = ""                # "label=value" that training nodes carry ("" -> any)
@@ -287,11 +308,27 @@ class PipelineConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """`study:` the reader study, a visual Turing test (owner: serving/study.py, serving/web/study.py)."""
+
+    dir: str = ""                              # where studies live; "": <paths.artifacts>/studies
+    readers: int = 3                           # default `study create --readers`
+    images: int = 40                           # default `study create --images` (even: half real, half synthetic)
+    seed: int = -1                             # study seed; -1: a fresh one per study (recorded in its manifest)
+    ci_level: float = 0.95                     # confidence level of every interval in the report
+    ci_method: str = "wilson"                  # binomial interval: wilson | exact (Clopper-Pearson)
+    display_px: int = 512                      # study page: default on-screen image size (a whole multiple of its pixels)
+    base_url: str = ""                         # reader links printed by `study create`; "": http://<web.host>:<web.port>
+    log_mlflow: bool = True                    # `study report` tags the model version and logs the report there
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     """The whole resolved configuration."""
 
     profile: str = "cpu"                       # which overlay of ``profiles`` was applied
     seed: int = 1234                           # every random choice derives from this
+    display_names: dict[str, str] = dataclasses.field(default_factory=dict)  # condition code -> name people read (files keep codes)
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
 
@@ -310,8 +347,15 @@ class Params:
     web: WebConfig = WebConfig()
 
     signing: SigningConfig = SigningConfig()
+    synthesize: SynthesizeConfig = SynthesizeConfig()
 
     pipeline: PipelineConfig = PipelineConfig()
+
+    study: StudyConfig = StudyConfig()
+
+    def display_name(self, condition: str) -> str:
+        """The human-readable name of a condition code (the code itself when none is set)."""
+        return self.display_names.get(condition, condition)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), suitable for YAML/JSON/MLflow."""
@@ -381,7 +425,7 @@ def load_params(
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key.sub=value`` (value as YAML) from a ``--set`` flag."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.kimg_per_phase=2")
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.lr_g=2e-3")
     key, value = text.split("=", 1)
     return key.strip(), yaml.safe_load(value)
 
@@ -443,6 +487,8 @@ def _coerce(tp: Any, value: Any, key: str, path: Path) -> Any:
         k_tp, v_tp = typing.get_args(tp)
         return {_coerce(k_tp, k, key, path): _coerce(v_tp, v, f"{key}.{k}", path) for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            return float(value)                # YAML 1.1 reads 2e-3 (no dot) as a string; it is a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: {key} must be a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -459,6 +505,10 @@ def _coerce(tp: Any, value: Any, key: str, path: Path) -> Any:
             raise ConfigError(f"{path}: {key} must be a string, got {type(value).__name__} {value!r}")
         return value
     raise ConfigError(f"{path}: {key}: unsupported type {tp!r} in the config schema")
+
+
+# A plain decimal or scientific-notation number (``2e-3``, ``1E+4``, ``.5``): never nan/inf/hex.
+_DECIMAL = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def _closest(name: str, choices: Mapping[str, Any]) -> str | None:

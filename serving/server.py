@@ -19,9 +19,10 @@ APIs are open. Model config and statistics need the *read key* header (``radsynt
 ``$RADSYNTH_TRITON_READ_KEY``, else ``triton-read.key`` beside the model repository, created
 once with mode 0600; radsynth's client sends it). Shared memory, model repository, trace and
 logging need an *admin key* that is random per start unless ``$RADSYNTH_TRITON_ADMIN_KEY`` is
-set (it is put in the environment of the process that started the server only), so by default
-no other process can register a shared-memory region, load or unload a model, or change the
-server's settings.
+set; it is put in the environment of the process that started the server and written (mode
+0600, replaced at each start) to ``triton-admin.key`` beside the model repository, where
+``radsynth deploy`` (which loads and unloads models) reads it. No other user can register a
+shared-memory region, load or unload a model, or change the server's settings.
 (Triton takes the keys on its command line, so local users can read them with ``ps``: they
 gate APIs on a host you trust; on a cluster the pod is the boundary.)
 """
@@ -62,6 +63,33 @@ OPEN_APIS = ("health", "metadata", "inference")
 def read_key_file(cfg: ServeConfig) -> Path:
     """Where ``radsynth serve`` keeps the read key: beside the model repository."""
     return Path(cfg.repository).resolve().parent / "triton-read.key"
+
+
+def admin_key_file(cfg: ServeConfig) -> Path:
+    """Where ``radsynth serve`` writes the admin key of the running server (for ``radsynth deploy``)."""
+    return Path(cfg.repository).resolve().parent / "triton-admin.key"
+
+
+def admin_key(cfg: ServeConfig) -> str:
+    """The admin key: ``$RADSYNTH_TRITON_ADMIN_KEY``, else the running server's key file; "" if none."""
+    key = os.environ.get(ADMIN_KEY_ENV, "").strip()
+    if key:
+        return key
+    try:
+        return admin_key_file(cfg).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 from the first byte, replacing it atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+    os.replace(tmp, path)
 
 
 def read_key(cfg: ServeConfig, create: bool = False) -> str:
@@ -155,6 +183,25 @@ def _server_env(dist: Path | None) -> dict[str, str]:
     return env
 
 
+MODEL_CONTROL = ("explicit", "poll", "none")
+
+
+def model_control_flags(cfg: ServeConfig) -> list[str]:
+    """tritonserver flags for ``serve.model_control``.
+
+    ``explicit`` loads every model of the repository at start and accepts load/unload calls
+    (``radsynth deploy`` swaps a promoted version in without a restart); ``poll`` rescans the
+    repository every ``serve.repository_poll_s`` seconds; ``none`` loads once (Triton's default).
+    """
+    if cfg.model_control == "explicit":
+        return ["--model-control-mode=explicit", "--load-model=*"]
+    if cfg.model_control == "poll":
+        return ["--model-control-mode=poll", f"--repository-poll-secs={max(1, int(cfg.repository_poll_s))}"]
+    if cfg.model_control == "none":
+        return []
+    raise ServerError(f"serve.model_control {cfg.model_control!r}: use one of {', '.join(MODEL_CONTROL)}")
+
+
 def _die_with_parent() -> None:  # runs in the child before exec (Linux only)
     try:
         import ctypes
@@ -182,9 +229,12 @@ class TritonServer:
         import secrets
 
         self.read_key = read_key(cfg, create=True)
-        self._admin_key = os.environ.get(ADMIN_KEY_ENV, "").strip() or secrets.token_urlsafe(24)
+        self._admin_key = os.environ.get(ADMIN_KEY_ENV, "").strip()
+        if not self._admin_key:
+            self._admin_key = secrets.token_urlsafe(24)
+            _write_private(admin_key_file(cfg), self._admin_key)  # for `radsynth deploy` as the same user
         # Clients of the process that started the server (tests, benchmarks, `radsynth serve` itself)
-        # send both keys; no other process learns the admin key (it is never written anywhere).
+        # send both keys.
         os.environ.setdefault(READ_KEY_ENV, self.read_key)
         os.environ.setdefault(ADMIN_KEY_ENV, self._admin_key)
 
@@ -217,6 +267,7 @@ class TritonServer:
             "--exit-on-error=true", "--strict-readiness=true", "--disable-auto-complete-config",
             f"--log-verbose={self.cfg.log_verbose}",
             *restricted_api_flags(self.read_key, self._admin_key),
+            *model_control_flags(self.cfg),
         ]
         if dist is not None:
             cmd.append(f"--backend-directory={_prepare_backends(dist, self._workdir)}")

@@ -50,3 +50,16 @@ def test_second_setup_with_other_params_uses_its_own_store(tmp_path, monkeypatch
         setup_mlflow(params)
         assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/{name}/mlflow.db"
     assert "MLFLOW_TRACKING_URI" not in __import__("os").environ
+
+
+def test_git_commit_inside_the_image_comes_from_the_environment(tmp_path, monkeypatch):
+    """infra/Dockerfile bakes RADSYNTH_GIT_COMMIT; the image has no .git, so git alone says 'unknown'."""
+    from radsynth.tracking import GIT_COMMIT_ENV, git_commit
+
+    monkeypatch.delenv(GIT_COMMIT_ENV, raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))             # no repository above tmp_path
+    assert git_commit(tmp_path) == "unknown"
+    monkeypatch.setenv(GIT_COMMIT_ENV, "0123abcd" * 5)
+    assert git_commit(tmp_path) == "0123abcd" * 5
+    monkeypatch.setenv(GIT_COMMIT_ENV, "unknown")                            # the Dockerfile's default: not a commit
+    assert git_commit(tmp_path) == "unknown"

@@ -53,7 +53,7 @@ def test_kfp_local_run_registers_and_promotes(tmp_path, small_export, eval_cache
     # every task ran, one per training stage
     (run_dir,) = list((tmp_path / "kfp").iterdir())
     tasks = {p.name for p in run_dir.iterdir()}
-    assert {"ingest", "preprocess", "validate", "train", "train-2", "evaluate", "export", "encoder", "register"} <= tasks
+    assert {"ingest", "preprocess", "validate", "train", "train-2", "evaluate", "export", "encoder", "register", "synthesize"} <= tasks
     # stage 2 resumed from stage 1's checkpoint: it carries both stages' folders
     stage2 = json.loads((run_dir / "train-2" / "executor_output.json").read_text())
     ckpt = Path(stage2["artifacts"]["checkpoint"]["artifacts"][0]["uri"])
@@ -62,6 +62,13 @@ def test_kfp_local_run_registers_and_promotes(tmp_path, small_export, eval_cache
     assert [str(v.version) for v in versions] == ["1"] and versions[0].tags["gate"] == "passed"
     assert alias_version(uri, "champion") == "1"
     assert alias_version(uri, "champion", "radsynth-encoder") == "1"   # promoted with its generator
+    # the register task's model card and the synthesize task's dataset, from exactly that version
+    register_out = json.loads((run_dir / "register" / "executor_output.json").read_text())
+    card = Path(register_out["artifacts"]["model_card"]["artifacts"][0]["uri"]).read_text()
+    assert card.startswith("# Model card: radsynth-generator v1") and versions[0].description == card
+    synth = json.loads((run_dir / "synthesize" / "executor_output.json").read_text())
+    sheet = json.loads((Path(synth["artifacts"]["synthetic"]["artifacts"][0]["uri"]) / "datasheet.json").read_text())
+    assert (sheet["version"], sheet["images"], sheet["origin"]) == (1, 12, "models:/radsynth-generator/1")   # tiny: 4 x 3
 
 
 def make_dvc_project(tmp: Path, export: Path, cache: Path) -> Path:
@@ -99,6 +106,12 @@ def test_dvc_repro_registers_then_training_change_reruns_from_train(tmp_path, sm
     assert record["version"] == 1 and record["gate"] == "passed"
     assert [str(v.version) for v in registered_versions(uri)] == ["1"]
     assert json.loads((proj / "artifacts" / "evaluate" / "metrics.json").read_text())["gate_passed"] == 1.0
+    mv = registered_versions(uri)[0]
+    trained = json.loads((proj / "artifacts" / "train" / "train.json").read_text())
+    assert mv.tags["train_run_id"] == (trained["mlflow_run_id"] or "unknown")   # tiny: tracking off, so no training run
+    assert mv.description.startswith("# Model card: radsynth-generator v1")
+    sheet = json.loads((proj / "artifacts" / "synthesize" / "datasheet.json").read_text())
+    assert (sheet["version"], sheet["images"], sheet["origin"]) == (1, 12, "models:/radsynth-generator@candidate")
 
     out = run("status", "--json")
     assert out.returncode == 0 and json.loads(out.stdout or "{}") == {}, out.stdout   # all up to date
