@@ -56,9 +56,10 @@ class _AdminClient:
     ADMIN_CALLS = frozenset(("get_model_repository_index", "load_model", "unload_model"))
 
     def __init__(self, client, key: str):
+        from serving.client import GRPC_RESTRICTED_PREFIX
         from serving.server import ADMIN_KEY_HEADER
 
-        self._client, self._headers = client, {ADMIN_KEY_HEADER: key} if key else None
+        self._client, self._headers = client, {GRPC_RESTRICTED_PREFIX + ADMIN_KEY_HEADER: key} if key else None
 
     def __getattr__(self, name: str):
         attr = getattr(self._client, name)
@@ -196,6 +197,11 @@ def deploy(params: Params, url: str | None = None, repository: str | Path | None
         why = "it answers but is not live"
     if not live_server:
         raise DeployError(f"Triton at {url} cannot be reached ({why}); start it with `radsynth serve`")
+    try:
+        triton.get_model_repository_index()
+    except Exception as exc:  # Triton's restricted model-repository API: a wrong key is refused
+        raise DeployError(f"Triton at {url} refused the model-repository API ({_message(exc)}); the admin key "
+                          f"(${ADMIN_KEY_ENV} or {admin_key_file(cfg)}) is not this server's") from None
     changed, unchanged = {}, []
     with tempfile.TemporaryDirectory(prefix=".radsynth-deploy-", dir=live.parent) as tmp:
         fresh_params = dataclasses.replace(params, serve=dataclasses.replace(cfg, repository=str(Path(tmp) / "fresh")))

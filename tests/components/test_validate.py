@@ -103,18 +103,22 @@ def test_label_set_comes_from_params_when_given(run, tmp_path):
 def test_patient_uniqueness_expectation_can_fail_on_its_own(run):
     """The (patient, split) table with one patient twice fails uniqueness; one row per patient passes."""
     ds = load_dataset(run.artifacts / "dataset")
-    suite = {"patients": build_suites(run.params, ds)["patients"][:1]}  # uniqueness only
+    def suite():  # uniqueness only; fresh objects per run (GX binds an expectation to one suite)
+        return {"patients": build_suites(run.params, ds)["patients"][:1]}
+
     twice = pd.DataFrame({"patient": ["a" * 20, "a" * 20, "b" * 20], "split": ["train", "test", "val"], "num_splits": [1, 1, 1]})
-    [bad] = run_suites({"patients": twice}, suite)
+    [bad] = run_suites({"patients": twice}, suite())
     assert bad["expectation"] == "expect_column_values_to_be_unique" and not bad["success"]
-    [good] = run_suites({"patients": twice.iloc[1:]}, suite)
+    [good] = run_suites({"patients": twice.iloc[1:]}, suite())
     assert good["success"]
 
 
 def test_quality_quarantine_share_gates_the_dataset(run):
     ds = load_dataset(run.artifacts / "dataset")
-    suite = {"quarantine": build_suites(run.params, ds)["quarantine"]}
+    def suite():
+        return {"quarantine": build_suites(run.params, ds)["quarantine"]}
+
     one = pd.DataFrame({"quality_quarantined": [1], "quality_fraction": [1 / 6000]})
     many = pd.DataFrame({"quality_quarantined": [900], "quality_fraction": [900 / 6000]})
-    assert run_suites({"quarantine": one}, suite)[0]["success"]
-    assert not run_suites({"quarantine": many}, suite)[0]["success"]
+    assert run_suites({"quarantine": one}, suite())[0]["success"]
+    assert not run_suites({"quarantine": many}, suite())[0]["success"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.demo import Demo, dvc_profile, gate_report, wait_http
-from radsynth.config import load_params
+from radsynth.config import load_params, parse_override
 from radsynth.errors import RadsynthError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,7 +126,7 @@ def test_kill_9_of_tritonserver_gives_503_then_200_and_spares_web_and_mlflow(tmp
     sets = [f"serve.repository={repo}", f"serve.http_port={http}", f"serve.grpc_port={grpc}", f"serve.metrics_port={metrics}",
             f"web.triton_url=127.0.0.1:{grpc}", f"paths.mlflow_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
             f"web.audit_log={tmp_path / 'audit.jsonl'}", "serve.ready_timeout_s=90"]
-    params = load_params(ROOT / "params.yaml", profile="tiny", overrides=dict(s.split("=", 1) for s in sets))
+    params = load_params(ROOT / "params.yaml", profile="tiny", overrides=dict(parse_override(s) for s in sets))
     _, onnx = make_generator(tmp_path / "generator.onnx", params)
     build_repository(dataclasses.replace(params, serve=dataclasses.replace(params.serve, onnx={"radsynth-generator": str(onnx)})))
     flags = [a for s in sets for a in ("--set", s)]
