@@ -130,7 +130,8 @@ def test_kill_9_of_tritonserver_gives_503_then_200_and_spares_web_and_mlflow(tmp
     _, onnx = make_generator(tmp_path / "generator.onnx", params)
     build_repository(dataclasses.replace(params, serve=dataclasses.replace(params.serve, onnx={"radsynth-generator": str(onnx)})))
     flags = [a for s in sets for a in ("--set", s)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RADSYNTH_WEB_SECRET": "demo-test"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RADSYNTH_WEB_SECRET": "demo-test",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # as pipelines/demo.py: the venv's mlflow
     env.pop("MLFLOW_TRACKING_URI", None)
     demo = Demo(env)
     cli = [sys.executable, "-m", "radsynth.cli"]

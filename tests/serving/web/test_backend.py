@@ -120,7 +120,7 @@ def mlflow_server(registry_params, tmp_path):
     proc = subprocess.Popen(["sh", str(ROOT / "mlflow" / "start-server.sh")], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 240  # a loaded 2-core machine can take minutes
     import urllib.request
 
     while True:
@@ -189,7 +189,11 @@ def test_mlflow_hanging_costs_one_refresh_at_a_time_and_healthz_answers(web_para
         condition = backend.model_info().classes[0]
         page = app.test_client().get(f"/result?condition={condition}&seed=1&n=1")  # the metrics panel says why they are missing
         assert page.status_code == 200
-        assert "registry facts for radsynth-generator@champion are not loaded yet" in page.get_data(as_text=True)
+        import re
+
+        note = re.search(r'id="registry-note">(.*?)</p>', page.get_data(as_text=True), re.S)
+        # still hanging ("not loaded yet") or timed out after web.registry_timeout_s ("unavailable"): either way it says so
+        assert note and ("are not loaded yet" in note.group(1) or "are unavailable" in note.group(1)), note and note.group(1)
     finally:
         hole.close()
 
