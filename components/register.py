@@ -1,6 +1,9 @@
 """Step ``register`` and the commands ``promote`` / ``rollback``: the MLflow model registry.
 
-* ``register``: logs the exported ONNX generator (``mlflow.onnx.log_model``, a directory
+* ``register``: when the evaluation gate failed (or the export was refused) registers nothing and
+  records the refusal in ``register.json`` (``{"registered": false, "refused": true, "reason": ...}``,
+  and a ``model_card.md`` saying so; the CLI exits 0 with ``--allow-refusal``, as DVC runs it,
+  else 1). Otherwise it logs the exported ONNX generator (``mlflow.onnx.log_model``, a directory
   with ``model.onnx``, a signature and an input example read from its graph) as a new version
   of ``registry.model_name``, then the evaluation metrics against that logged model (MLflow 3
   links them), tags the version (``onnx_sha256``, ``classes``, ``z_dim``, ``img_resolution``,
@@ -183,7 +186,19 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
     eval_dir = Path(eval_dir or art / "evaluate")
     dataset_dir = Path(dataset_dir or art / "dataset")
     train_dir = Path(train_dir or art / "train")
+    from components.evaluate import refusal
+
+    refused = refusal(eval_dir, STEP)
     record = _read(export_dir / "export.json", "export")
+    if refused is None and record.get("refused"):
+        refused = {**record, "step": STEP}
+    if refused is not None:
+        out = {**refused, "registered": False}
+        write_json(art / STEP / "register.json", out)
+        atomic_write_text(art / STEP / model_card.CARD_FILE,
+                          f"# Not registered\n\nNothing was registered: {out['reason']}\n")
+        (art / STEP / model_card.GRID_FILE).unlink(missing_ok=True)
+        return out
     onnx_path = export_dir / record.get("file", "generator.onnx")
     if not onnx_path.is_file():
         raise RegistryError(f"{onnx_path}: missing; run `radsynth export` first")
@@ -262,7 +277,7 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
     for k, v in {**tags, "run_id": run.info.run_id, "classifier_version": str(clf_version or ""), "model_card": card_uri}.items():
         client.set_model_version_tag(name, str(version), k, str(v))
     client.set_registered_model_alias(name, params.registry.candidate_alias, str(version))
-    out = {"model": name, "version": version, "alias": params.registry.candidate_alias, "gate": level.verdict,
+    out = {"registered": True, "model": name, "version": version, "alias": params.registry.candidate_alias, "gate": level.verdict,
            "gate_level": level.level, "gate_release_passed": level.release_passed, "run_id": run.info.run_id,
            "train_run_id": lineage["train_run_id"], "model_id": info.model_id, "onnx_sha256": sha,
            "classifier": clf_name, "classifier_version": clf_version, "model_card": card_uri,
@@ -467,6 +482,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--eval-dir", default=None, help="folder with the gate reports (default <artifacts>/evaluate)")
         parser.add_argument("--dataset-dir", default=None, help="prepared dataset, for the model card's counts (default <artifacts>/dataset)")
         parser.add_argument("--train-dir", default=None, help="training folder, for the training run's id (default <artifacts>/train)")
+        parser.add_argument("--allow-refusal", action="store_true", help="exit 0 when a failed gate refuses registration (DVC runs it so)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -484,6 +500,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{out['model']}@{params.registry.champion_alias} rolled back to v{out['champion']} (was v{out['rolled_back_from']})")
     else:
         out = register(params, args.export_dir, args.eval_dir, args.dataset_dir, args.train_dir)
+        if not out.get("registered"):
+            print(f"registration refused, nothing registered: {out['reason']}")
+            return 0 if args.allow_refusal else 1
         print(f"registered {out['model']} v{out['version']} @{out['alias']} (gate {out['gate']}, level {out['gate_level']}); "
               f"classifier {out['classifier']} v{out['classifier_version']}; model card {out['model_card']}")
     return 0

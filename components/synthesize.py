@@ -293,6 +293,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default=None, help="png or synthetic DICOM (default synthesize.format)")
     parser.add_argument("--url", default=None, help="a running Triton host:port serving that version (default: a private server)")
     parser.add_argument("--out", default=None, help="output folder (default <paths.artifacts>/synthesize)")
+    parser.add_argument("--allow-refusal", action="store_true",
+                        help="when <artifacts>/register/register.json records a refused registration (failed gate), "
+                             "record the refusal in synthesize.json and exit 0 (DVC runs it so)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -303,6 +306,16 @@ def run(args: argparse.Namespace) -> int:
     if args.mix is not None:
         changes["mix"] = parse_mix(args.mix)
     params = dataclasses.replace(params, synthesize=dataclasses.replace(params.synthesize, **changes))
+    if args.allow_refusal:
+        from radsynth.io import write_json
+
+        reg = Path(params.paths.artifacts) / "register" / "register.json"
+        registered = json.loads(reg.read_text()) if reg.is_file() else {}
+        if registered.get("refused"):
+            out = Path(args.out or params.synthesize.out or Path(params.paths.artifacts) / STEP)
+            write_json(out / "synthesize.json", {"step": STEP, "refused": True, "images": 0, "reason": registered.get("reason", "")})
+            print(f"synthesis refused, nothing written: {registered.get('reason', 'the registration was refused')}")
+            return 0
     record = synthesize(params, version=args.version, alias=args.alias, url=args.url, out_dir=args.out, fmt=args.format,
                         progress=True)
     out = Path(args.out or params.synthesize.out or Path(params.paths.artifacts) / STEP)

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("components.preprocess", "ingest output -> dataset: progressive levels, patient-level split"),
     "validate": ("components.validate", "Great Expectations suite over the dataset; exit 1 on a failed expectation"),
     "train": ("components.train", "train the conditional GAN (all stages, or one with --stage); resumes from checkpoints"),
-    "evaluate": ("components.evaluate", "metrics of G_ema (FID/KID, SSIM, memorisation, ...) and the gate; exits 1 when it fails"),
+    "evaluate": ("components.evaluate", "metrics of G_ema (FID/KID, SSIM, memorisation, ...), the gate and its calibration; exits 1 when it fails (0 with --allow-fail)"),
     "export": ("components.export", "export G_ema to ONNX, check it and verify ONNX Runtime parity"),
     "register": ("components.register", "register the exported generator in MLflow as @candidate"),
     "promote": ("components.register", "move @champion to a version whose gate passed (default: @candidate)"),

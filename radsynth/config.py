@@ -129,33 +129,87 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    """`eval.judge:` the domain classifier behind every domain metric, and the recipe of every
+    utility classifier (TSTR, TRTR, augmentation) (owner: model/classifier.py)."""
+
+    width: int = 16                            # channels after the strided stem; doubles per halving, capped at 4x
+    depth: int = 1                             # conv layers per resolution level (the first one strided)
+    max_epochs: int = 40                       # upper bound; training stops early on the real val split
+    patience: int = 6                          # epochs without a better val balanced accuracy before stopping
+    lr: float = 0.002                          # AdamW learning rate; halved after patience // 2 epochs without progress
+    weight_decay: float = 0.0001               # AdamW weight decay
+    batch: int = 64                            # minibatch
+    ema: float = 0.995                         # judged and kept weights: moving average with this decay per step (0: off)
+    shift: float = 0.05                        # augmentation: translation up to this fraction of the side (no flips)
+    scale: float = 0.06                        # augmentation: zoom by up to this fraction
+    contrast: float = 0.15                     # augmentation: contrast x (1 +- this), brightness +- half of it
+
+
+@dataclasses.dataclass(frozen=True)
+class UtilityConfig:
+    """`eval.utility:` TSTR / TRTR and augmentation utility (reported, not gated) (owner: model/utility.py)."""
+
+    enabled: bool = True                       # false: skip the utility classifiers (calibration always skips them)
+    seeds: int = 3                             # classifiers per experiment; mean +- sd over them
+    trtr_tolerance: float = 0.05               # TRTR balanced accuracy must be within this of the judge's, or evaluation fails
+    augment_real_fraction: float = 0.2         # augmentation: stratified share of the real train split (scarcity)
+
+
+@dataclasses.dataclass(frozen=True)
+class GateLevelConfig:
+    """One gate level's thresholds (`eval.gate.release`, `eval.gate.demo`)."""
+
+    max_fid_units: float = 3.0                 # per condition: domain FID / size-matched real reference (mean of the draws)
+    min_cond_acc: float = 0.4                  # per condition: judge accuracy on generated, absolute floor
+    cond_acc_ratio: float = 0.75               # ... and at least this fraction of the judge's accuracy on real test images
+    max_diversity: float = 0.9                 # per condition: MS-SSIM among generated images (collapse)
+    min_recall: float = 0.0                    # per condition: k-NN recall (0 disables)
+    max_memorisation: float = 0.05             # share of generated images closer to training than real test images are
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """`eval.gate:` which level judges this profile, and both levels' thresholds (owner: components/evaluate.py)."""
+
+    level: str = "release"                     # release | demo: the level `passed` is judged at (release is always reported too)
+    release: GateLevelConfig = GateLevelConfig()
+    demo: GateLevelConfig = GateLevelConfig()
+
+    def __post_init__(self):
+        if self.level not in GATE_LEVELS:
+            raise ConfigError(f"eval.gate.level must be one of {', '.join(GATE_LEVELS)}, got {self.level!r}")
+
+    def thresholds(self, level: str | None = None) -> GateLevelConfig:
+        """The thresholds of ``level`` (default: the configured one)."""
+        return getattr(self, level or self.level)
+
+
+GATE_LEVELS = ("release", "demo")                # strictest first
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """`eval:` metrics and the gate thresholds (owner: components/evaluate.py)."""
+    """`eval:` metrics, the judge, utility and the gate (owner: components/evaluate.py)."""
 
     samples_per_class: int = 256               # generated images per condition
-    seed: int = 2026                           # latent seed of the evaluation samples (z_from_seed)
+    seed: int = 2026                           # latent seed of the evaluation samples (z_from_seed); judge seed
     batch_size: int = 64                       # generator / feature-extractor batch
     inception_weights: str = ""                # pt_inception-2015-12-05 file; "": $TORCH_HOME/hub/checkpoints
     kid_subsets: int = 50                      # KID: number of subsets
     kid_subset_size: int = 100                 # KID: subset size (clipped to the smaller sample)
     prc_neighborhood: int = 3                  # k of the k-NN precision/recall
     diversity_pairs: int = 64                  # random pairs per condition for MS-SSIM diversity
-    classifier_steps: int = 400                # domain classifier (and TSTR) optimiser steps
-    classifier_width: int = 32                 # channels of the classifier's first conv
-    classifier_resolution: int = 32            # classifier input is average-pooled to at most this
-    classifier_lr: float = 0.002               # Adam learning rate
-    classifier_batch: int = 64                 # classifier training batch
-    tstr_steps: int = 200                      # TSTR / TRTR classifiers: optimiser steps (same recipe otherwise)
+    reference_draws: int = 5                   # size-matched real reference: draws of train images per condition
     memorisation_percentile: float = 1.0       # test-to-train percentile used as "too close"
-    cache_dir: str = ""                        # real-image features + classifier per data version; "": <artifacts>/cache
-    gate_min_cond_acc: float = 0.5             # per condition: classifier accuracy on generated, absolute floor
-    gate_cond_acc_ratio: float = 0.0           # ... and at least this fraction of its accuracy on real images (0: off)
-    gate_max_fid_ratio: float = 10.0           # per condition: fid_domain <= ratio * max(ref, floor)
-    gate_fid_floor: float = 0.5                # floor of the real-vs-real reference in that ratio
-    gate_max_diversity: float = 0.9            # per condition: MS-SSIM among generated (collapse)
-    gate_min_recall: float = 0.0               # per condition: k-NN recall (0 disables)
-    gate_max_memorisation: float = 0.05        # memorisation share (pixel and feature space)
-    enforce: bool = True                       # CLI exits non-zero when the gate fails
+    memorisation_shift: float = 0.05           # pixel memorisation tolerates shifts up to this fraction of the side (3 px at 64)
+    cache_dir: str = ""                        # judge + real-image features per data version; "": <artifacts>/cache
+    judge: JudgeConfig = JudgeConfig()
+    utility: UtilityConfig = UtilityConfig()
+    gate: GateConfig = GateConfig()
+    calibrate: bool = True                     # run the calibration sets with every evaluation (cached per data + judge + gate)
+    tracking: bool = True                      # log metrics, reports and pictures to an MLflow run
+    enforce: bool = True                       # CLI exits non-zero when the gate fails (DVC passes --allow-fail)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,10 +247,16 @@ class ServeConfig:
     repository: str = "artifacts/serve/model_repository"  # Triton model repository (built here)
     flavour: str = "cpu"                       # cpu: python backend + onnxruntime | gpu: onnxruntime_onnx, KIND_GPU
     max_batch_size: int = 64                   # largest batch one execution takes
-    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)  # dynamic batcher's targets
-    max_queue_delay_us: int = 2000             # how long a request may wait to be batched
-    instance_count: int = 1                    # model instances (per GPU on the gpu flavour)
-    intra_op_threads: int = 0                  # onnxruntime threads per instance (0: its default)
+    preferred_batch_sizes: tuple[int, ...] = ()  # dynamic batcher's targets (empty: run what is queued)
+    max_queue_delay_us: int = 0                # how long a request may wait to be batched
+    cpus: int = 0                              # cores Triton is given; 0: those this process may use (affinity, cgroup quota)
+    instance_count: int = 0                    # model instances (per GPU on gpu); 0: derived (serving.repository.plan)
+    intra_op_threads: int = 0                  # cpu: onnxruntime threads for a small batch; 0: derived
+    batch_workers: int = 0                     # cpu: slices a large batch is cut into, run at once; 0: derived
+    warmup: bool = True                        # model_warmup at batch 1 and max_batch_size when a model loads
+    gpus: tuple[int, ...] = ()                 # gpu flavour: one instance group per listed GPU; empty: every GPU
+    tensorrt: bool = False                     # gpu flavour: ONNX Runtime's TensorRT execution provider before CUDA
+    tensorrt_precision: str = "FP16"           # FP16 | FP32 (TensorRT only)
     host: str = "127.0.0.1"                    # address the server binds (0.0.0.0 in a container)
     http_port: int = 8000
     grpc_port: int = 8001
@@ -208,7 +268,8 @@ class ServeConfig:
     timeout_s: float = 30.0                    # client per-request timeout
     retries: int = 3                           # client retries on transient errors (unavailable, timeout)
     backoff_s: float = 0.2                     # first retry delay; doubles each retry
-    max_images_per_call: int = 64              # client refuses larger n (also capped by max_batch_size)
+    max_images_per_call: int = 64              # client: images per request (larger n is split; capped by max_batch_size)
+    max_in_flight: int = 0                     # client: requests in flight for a large n; 0: 2 per served instance
     model_control: str = "explicit"            # tritonserver --model-control-mode: explicit (`radsynth deploy` swaps versions live) | poll | none
     repository_poll_s: int = 15                # poll mode: seconds between repository scans
 

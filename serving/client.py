@@ -11,6 +11,9 @@ Python use::
     with Client("127.0.0.1:8001") as client:            # gRPC; protocol="http" for HTTP
         images = client.generate("PNEUMONIA", n=4, seed=7)  # uint8 [4, H, W, C]
         print(client.info.classes)
+        many = client.generate("NORMAL", n=10_000, seed=1)  # any n: chunked, several requests in flight
+        for start, chunk in client.iter_generate("NORMAL", n=10**6, seed=1):  # the same, streamed
+            ...
 
     from serving.client import generate                 # one-shot convenience
     images = generate("NORMAL", n=1, seed=3, url="127.0.0.1:8001")
@@ -29,7 +32,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Callable, Sequence
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -85,6 +90,7 @@ class ModelInfo:
     img_channels: int
     max_batch_size: int
     parameters: dict[str, str]                 # every config parameter (onnx_sha256, origin, ...)
+    instances: int = 1                         # model instances in its config (per GPU on the gpu flavour)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +132,24 @@ def _is_transient(exc: Exception) -> bool:
     return status in _TRANSIENT or "failed to connect" in text or "connection refused" in text
 
 
+def _count(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InvalidInputError(f"n must be a positive integer, got {n!r}")
+    return int(n)
+
+
+def _latent_stream(seed: int, z_dim: int) -> Callable[[int], np.ndarray]:
+    """``draw(k)`` -> the next ``k`` rows of ``z_from_seed(seed, n, z_dim)`` (same generator, same
+    order: numpy fills ``[n, z_dim]`` row-major from one stream, so draws of any sizes concatenate
+    to the same ``z``; ``tests/serving`` checks it against :func:`radsynth.latent.z_from_seed`)."""
+    try:
+        z_from_seed(seed, 0, z_dim)  # validates the seed with the one documented rule
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
+    rng = np.random.Generator(np.random.PCG64(int(seed)))
+    return lambda k: rng.standard_normal((k, z_dim), dtype=np.float32)  # [k, z_dim]
+
+
 class Client:
     """A connection to one generator on one Triton server.
 
@@ -137,7 +161,10 @@ class Client:
         timeout_s: per-request timeout (seconds).
         retries: retries on transient errors (0: try once).
         backoff_s: first retry delay; doubles each retry.
-        max_images_per_call: refuse larger ``n`` (also capped by the model's max batch).
+        max_images_per_call: images per request; a larger ``n`` is split into requests of this
+            size (capped by the model's max batch); :meth:`infer` refuses more.
+        max_in_flight: requests in flight while a large ``n`` is generated; 0: two per model
+            instance in the served config (one computing, one queued behind it).
         headers: sent with every request; default the read key from ``$RADSYNTH_TRITON_READ_KEY``.
     """
 
@@ -151,6 +178,7 @@ class Client:
         retries: int = 3,
         backoff_s: float = 0.2,
         max_images_per_call: int = 64,
+        max_in_flight: int = 0,
         headers: dict[str, str] | None = None,
     ):
         if protocol not in DEFAULT_PORTS:
@@ -163,6 +191,7 @@ class Client:
         self.retries = max(int(retries), 0)
         self.backoff_s = float(backoff_s)
         self.max_images_per_call = int(max_images_per_call)
+        self.max_in_flight = max(int(max_in_flight), 0)
         import os
 
         if headers is None:
@@ -200,7 +229,7 @@ class Client:
             url = cfg.url or f"{host}:{cfg.grpc_port if protocol == 'grpc' else cfg.http_port}"
         key = read_key(cfg)
         return cls(url, protocol, cfg.model_name, "", cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.max_images_per_call,
-                   headers={READ_KEY_HEADER: key} if key else {})
+                   cfg.max_in_flight, headers={READ_KEY_HEADER: key} if key else {})
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -313,6 +342,7 @@ class Client:
             img_channels=int(params["img_channels"]),
             max_batch_size=int(config.get("max_batch_size", 0)),
             parameters=params,
+            instances=sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1,
         )
 
     @property
@@ -407,24 +437,77 @@ class Client:
         )
         return {name: result.as_numpy(name) for name in outputs}
 
-    def sample(self, condition: str, n: int = 1, seed: int | None = None) -> Sample:
-        """Generate ``n`` images of ``condition`` and return them with seed and model version."""
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise InvalidInputError(f"n must be a positive integer, got {n!r}")
-        limit = min(self.max_images_per_call, self.info.max_batch_size or self.max_images_per_call)
-        if n > limit:
-            raise TooManyImagesError(f"n={n} images in one call; at most {limit} (call again with another seed, or raise serve.max_images_per_call)")
+    @property
+    def images_per_request(self) -> int:
+        """Images in one request of a chunked :meth:`generate` (``max_images_per_call``, capped by the model)."""
+        return max(1, min(self.max_images_per_call, self.info.max_batch_size or self.max_images_per_call))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests kept in flight by a chunked :meth:`generate`."""
+        if self.protocol == "http":  # tritonclient's HTTP client is not thread-safe: one request at a time
+            return 1
+        return self.max_in_flight or 2 * self.info.instances
+
+    def iter_generate(self, condition: str, n: int, seed: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Stream ``n`` images of ``condition`` as ``(first index, uint8 [k, H, W, C])`` chunks, in order.
+
+        Requests of :attr:`images_per_request` images each, :attr:`in_flight` of them at once
+        (memory stays bounded for any ``n``). ``z`` is drawn row by row from the seed's stream,
+        so image ``i`` is the same whatever the chunking (and the first ``k`` images of ``n``
+        are those of ``generate(condition, k, seed)``).
+
+        Raises:
+            InvalidInputError: ``n`` or ``seed`` invalid; UnknownConditionError; ClientError.
+        """
+        n = _count(n)
         index = self.class_index(condition)
+        draw = _latent_stream(seed, self.info.z_dim)
+        return self._stream(index, n, draw)
+
+    def _stream(self, index: int, n: int, draw: Callable[[int], np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+        size, in_flight = self.images_per_request, self.in_flight
+
+        def one(z: np.ndarray) -> np.ndarray:
+            return to_uint8(self._infer_raw(z, np.full((z.shape[0], 1), index, dtype=np.int64)))  # [k, H, W, C]
+
+        starts = range(0, n, size)
+        if len(starts) == 1 or in_flight == 1:
+            for start in starts:
+                yield start, one(draw(min(size, n - start)))
+            return
+        with ThreadPoolExecutor(in_flight, thread_name_prefix="radsynth-client") as pool:
+            pending: deque = deque()
+            try:
+                for start in starts:
+                    pending.append((start, pool.submit(one, draw(min(size, n - start)))))
+                    if len(pending) >= in_flight:
+                        first, future = pending.popleft()
+                        yield first, future.result()
+                while pending:
+                    first, future = pending.popleft()
+                    yield first, future.result()
+            finally:  # an error or an abandoned iterator: drop what was not sent yet
+                for _, future in pending:
+                    future.cancel()
+
+    def sample(self, condition: str, n: int = 1, seed: int | None = None) -> Sample:
+        """Generate ``n`` images of ``condition`` (any ``n``; see :meth:`iter_generate`) with seed and model version."""
         seed = new_seed() if seed is None else seed
+        chunks = self.iter_generate(condition, n, seed)  # checks n, seed and condition first
+        info = self.info
         try:
-            z = z_from_seed(seed, int(n), self.info.z_dim)  # [n, z_dim]
-        except ValueError as exc:
-            raise InvalidInputError(str(exc)) from None
-        images = self.infer(z, np.full(int(n), index, dtype=np.int64))  # [n, C, H, W]
-        return Sample(to_uint8(images), int(seed), condition, self.model_name, self.info.version)
+            images = np.empty((n, info.img_resolution, info.img_resolution, info.img_channels), dtype=np.uint8)
+        except (MemoryError, ValueError):
+            gib = n * info.img_resolution ** 2 * info.img_channels / 2**30
+            raise InvalidInputError(f"n={n} images need {gib:.1f} GiB in memory; stream them with iter_generate() "
+                                    "(`radsynth generate` writes them chunk by chunk)") from None
+        for start, chunk in chunks:
+            images[start:start + len(chunk)] = chunk
+        return Sample(images, int(seed), condition, self.model_name, info.version)
 
     def generate(self, condition: str, n: int = 1, seed: int | None = None) -> np.ndarray:
-        """``n`` uint8 images ``[n, H, W, C]`` of ``condition``; same seed, same images."""
+        """``n`` uint8 images ``[n, H, W, C]`` of ``condition`` (any ``n``); same seed, same images."""
         return self.sample(condition, n, seed).images
 
     def statistics(self) -> dict[str, int]:

@@ -4,10 +4,21 @@ One *description* per model (:class:`ModelDescription`: tensors read from the ON
 class names and sizes from its metadata or registry tags, batching from ``params.serve``) is
 rendered into either flavour of ``config.pbtxt``:
 
-- ``gpu``: production, NGC Triton image: ``platform: "onnxruntime_onnx"``, GPU instance group.
+- ``gpu``: production, NGC Triton image: ``platform: "onnxruntime_onnx"`` (ONNX Runtime's CUDA
+  execution provider; TensorRT in front of it when ``serve.tensorrt``), ``serve.instance_count``
+  instances on every GPU or one instance group per GPU in ``serve.gpus``.
 - ``cpu``: Triton's python backend running the same ``model.onnx`` with onnxruntime
   (``serving/triton_model.py`` becomes ``model.py``); the machines here have no onnxruntime
-  backend.
+  backend. Instances and onnxruntime threads come from the cores Triton is given
+  (:func:`plan`; ``serve.cpus``, ``serve.instance_count``, ``serve.intra_op_threads`` override).
+
+Both flavours carry a ``model_warmup`` (batch 1 and ``max_batch_size``) so the first request
+after a load is not slow, and dynamic batching from ``params.serve``.
+
+Build a repository from a local ONNX file (no registry), e.g. for a GPU check::
+
+    radsynth serve --build-only --flavour gpu --onnx artifacts/export/generator.onnx --repository /tmp/repo
+    # Python: serving.repository.repository_from_onnx(params, "generator.onnx", "/tmp/repo", flavour="gpu")
 
 Layout::
 
@@ -26,6 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -84,7 +97,34 @@ class ModelDescription:
     versions: tuple[int, ...]
     preferred_batch_sizes: tuple[int, ...]
     max_queue_delay_us: int
-    instance_count: int
+    plan: "Plan"                               # instances and threads for the flavour it was described for
+    warmup: bool
+    gpus: tuple[int, ...] = ()                 # gpu flavour: one instance group per GPU (empty: every GPU)
+    tensorrt: bool = False                     # gpu flavour: TensorRT execution provider before CUDA
+    tensorrt_precision: str = "FP16"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How many model instances, with how many onnxruntime threads each."""
+
+    flavour: str
+    cpus: int                                  # cores Triton is given (serve.cpus or detected)
+    instance_count: int                        # per GPU on the gpu flavour
+    intra_op_threads: int                      # onnxruntime threads for a small batch (cpu flavour)
+    batch_workers: int                         # slices a large batch is cut into, run at once (cpu flavour)
+    small_batch: int                           # batches up to this size use the threaded session
+    split_batch: int                           # batches from this size are sliced over the workers
+    derived: tuple[str, ...]                   # which values came from the rule (not from params)
+
+    def describe(self) -> str:
+        source = f"derived from {self.cpus} cores" if self.derived else "from params"
+        where = " per GPU" if self.flavour == "gpu" else ""
+        if self.flavour == "gpu":
+            return f"{self.instance_count} instance(s){where} x {self.intra_op_threads} CPU thread(s) ({source})"
+        return (f"{self.instance_count} instance(s); batches <= {self.small_batch} on {self.intra_op_threads} "
+                f"onnxruntime thread(s), >= {self.split_batch} cut over {self.batch_workers} worker(s), "
+                f"others on 1 thread ({source})")
 
 
 # --------------------------------------------------------------------------------------
@@ -206,11 +246,58 @@ def registry_source(params: Params, name: str, alias: str, download_dir: str | P
 # --------------------------------------------------------------------------------------
 
 
-def describe(cfg: ServeConfig, sources: Iterable[ModelSource]) -> ModelDescription:
-    """The one description of a model served from one or more versions.
+def available_cpus() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            fields = Path(quota_file).read_text().split()
+            quota, period = fields[0], (fields[1] if period_file is None else Path(period_file).read_text().strip())
+        except (OSError, IndexError):
+            continue
+        if quota not in ("max", "-1") and int(period) > 0:
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+        break
+    return max(1, cores)
+
+
+def plan(cfg: ServeConfig, flavour: str | None = None) -> Plan:
+    """How many instances, and how each runs a batch, for ``flavour`` on the cores it is given.
+
+    cpu flavour, ``C = serve.cpus`` cores (default: detected): ``C`` instances, each keeping one
+    core busy under load; a batch of at most 2 images (the server is not busy) runs on
+    ``min(C, 4)`` onnxruntime threads, and a batch of at least half ``max_batch_size`` (one big
+    request) is cut over ``min(C, 4)`` workers, so neither waits on one core. With one
+    instance every batch below the split size uses the threads. Measured on 2 cores against
+    the other layouts by ``benchmarks/serving.py --parts sweep`` (docs/benchmarks.md, Serving).
+    gpu flavour: 2 instances per GPU (one computes while the other's tensors are copied), 1
+    CPU thread each (every op runs on the GPU).
+    ``serve.instance_count`` / ``intra_op_threads`` / ``batch_workers`` > 0 override the rule.
+    """
+    flavour = flavour or cfg.flavour
+    cpus = cfg.cpus if cfg.cpus > 0 else available_cpus()
+    rule = (2, 1, 1) if flavour == "gpu" else (cpus, min(cpus, 4), min(cpus, 4))
+    given = (cfg.instance_count, cfg.intra_op_threads, cfg.batch_workers)
+    names = ("instance_count", "intra_op_threads", "batch_workers")
+    instances, threads, workers = (g if g > 0 else r for g, r in zip(given, rule))
+    split = max(2, cfg.max_batch_size // 2)
+    return Plan(
+        flavour=flavour, cpus=cpus, instance_count=instances, intra_op_threads=threads, batch_workers=workers,
+        small_batch=2 if instances > 1 else split - 1, split_batch=split,
+        derived=tuple(n for n, g in zip(names, given) if g <= 0),
+    )
+
+
+def describe(cfg: ServeConfig, sources: Iterable[ModelSource], flavour: str | None = None) -> ModelDescription:
+    """The one description of a model served from one or more versions, for one flavour.
 
     Tensors and parameters come from the highest version; every version must have the same
-    tensors (Triton serves all versions with one config).
+    tensors (Triton serves all versions with one config). Only the instance plan depends on
+    the flavour (default ``cfg.flavour``).
     """
     sources = sorted(sources, key=lambda s: s.version)
     if not sources:
@@ -229,12 +316,20 @@ def describe(cfg: ServeConfig, sources: Iterable[ModelSource]) -> ModelDescripti
             raise RepositoryError(f"{newest.origin}: 'classes' is not a JSON list: {parameters['classes']!r}") from None
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             raise RepositoryError(f"{newest.origin}: 'classes' must be a JSON list of names")
+    layout = plan(cfg, flavour)
     parameters.update(
         registry_version=str(newest.version),
         onnx_sha256=newest.sha256,
         origin=newest.origin,
-        intra_op_threads=str(cfg.intra_op_threads),
+        intra_op_threads=str(layout.intra_op_threads),
     )
+    if layout.flavour == "gpu":
+        parameters["intra_op_thread_count"] = str(layout.intra_op_threads)  # Triton's onnxruntime backend reads this key
+    else:  # how the python stub runs a batch of each size (serving/triton_model.py)
+        parameters.update(batch_workers=str(layout.batch_workers), small_batch=str(layout.small_batch),
+                          split_batch=str(layout.split_batch))
+    if cfg.tensorrt_precision not in ("FP16", "FP32"):
+        raise RepositoryError(f"serve.tensorrt_precision {cfg.tensorrt_precision!r}: use FP16 or FP32")
     preferred = tuple(b for b in cfg.preferred_batch_sizes if b <= cfg.max_batch_size)
     return ModelDescription(
         name=newest.name,
@@ -245,7 +340,11 @@ def describe(cfg: ServeConfig, sources: Iterable[ModelSource]) -> ModelDescripti
         versions=tuple(s.version for s in sources),
         preferred_batch_sizes=preferred,
         max_queue_delay_us=cfg.max_queue_delay_us,
-        instance_count=cfg.instance_count,
+        plan=layout,
+        warmup=cfg.warmup,
+        gpus=tuple(cfg.gpus),
+        tensorrt=cfg.tensorrt,
+        tensorrt_precision=cfg.tensorrt_precision,
     )
 
 
@@ -265,16 +364,16 @@ def _pin_image_dims(tensors: tuple[TensorSpec, ...], metadata: dict[str, str]) -
     return tuple(out)
 
 
-def render_config(desc: ModelDescription, flavour: str) -> str:
-    """``config.pbtxt`` text for one flavour (``cpu`` or ``gpu``) of a description."""
+def render_config(desc: ModelDescription, flavour: str | None = None) -> str:
+    """``config.pbtxt`` text for one flavour (``cpu`` or ``gpu``; default the description's)."""
+    flavour = flavour or desc.plan.flavour
     if flavour not in FLAVOURS:
         raise RepositoryError(f"unknown flavour {flavour!r}; use one of {', '.join(FLAVOURS)}")
 
     def tensor(t: TensorSpec) -> str:
-        dims = ", ".join(str(d) for d in t.dims)
-        text = f'  {{\n    name: "{t.name}"\n    data_type: {t.data_type}\n    dims: [ {dims} ]\n'
+        text = f'  {{\n    name: "{t.name}"\n    data_type: {t.data_type}\n    dims: [ {_dims(t.dims)} ]\n'
         if t.reshape is not None:
-            text += f"    reshape: {{ shape: [ {', '.join(str(d) for d in t.reshape)} ] }}\n"
+            text += f"    reshape: {{ shape: [ {_dims(t.reshape)} ] }}\n"
         return text + "  }"
 
     lines = [f'name: "{desc.name}"']
@@ -287,17 +386,70 @@ def render_config(desc: ModelDescription, flavour: str) -> str:
     lines.append(f"version_policy: {{ specific: {{ versions: [ {versions} ] }} }}")
     lines.append("input [\n" + ",\n".join(tensor(t) for t in desc.inputs) + "\n]")
     lines.append("output [\n" + ",\n".join(tensor(t) for t in desc.outputs) + "\n]")
-    kind = "KIND_GPU" if flavour == "gpu" else "KIND_CPU"
-    lines.append(f"instance_group [ {{ count: {desc.instance_count} kind: {kind} }} ]")
+    lines.append(_instance_groups(desc, flavour))
     preferred = ", ".join(str(b) for b in desc.preferred_batch_sizes)
     lines.append(
         "dynamic_batching {\n"
         + (f"  preferred_batch_size: [ {preferred} ]\n" if preferred else "")
         + f"  max_queue_delay_microseconds: {desc.max_queue_delay_us}\n}}"
     )
+    if flavour == "gpu" and desc.tensorrt:
+        lines.append(_tensorrt(desc))
+    if desc.warmup and all(d > 0 for t in desc.inputs for d in t.dims):  # warm-up needs concrete shapes
+        lines.append(_warmup(desc))
     for key, value in sorted(desc.parameters.items()):
         lines.append(f"parameters {{ key: \"{key}\" value: {{ string_value: {json.dumps(value)} }} }}")
     return "\n".join(lines) + "\n"
+
+
+def _dims(dims: tuple[int, ...]) -> str:
+    return ", ".join(str(d) for d in dims)
+
+
+def _instance_groups(desc: ModelDescription, flavour: str) -> str:
+    count = desc.plan.instance_count
+    if flavour == "cpu":
+        return f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]"
+    if not desc.gpus:  # Triton places `count` instances on every visible GPU
+        return f"instance_group [ {{ count: {count} kind: KIND_GPU }} ]"
+    groups = ",\n".join(f"  {{ name: \"gpu{g}\" count: {count} kind: KIND_GPU gpus: [ {g} ] }}" for g in desc.gpus)
+    return f"instance_group [\n{groups}\n]"
+
+
+def _onnx_shape(t: TensorSpec, batch: int) -> str:
+    """``name:NxD1x...`` as ONNX sees the tensor (with its batch axis, after any reshape)."""
+    return f"{t.name}:" + "x".join(str(d) for d in (batch, *(t.dims if t.reshape is None else t.reshape)))
+
+
+def _tensorrt(desc: ModelDescription) -> str:
+    """ONNX Runtime's TensorRT provider in front of CUDA, one engine for batch 1..max_batch_size."""
+    params = {
+        "precision_mode": desc.tensorrt_precision,
+        "max_workspace_size_bytes": str(1 << 30),
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": f"/tmp/radsynth-trt-cache/{desc.name}",
+    }
+    if all(d > 0 for t in desc.inputs for d in (t.dims if t.reshape is None else t.reshape)):
+        params["trt_profile_min_shapes"] = ",".join(_onnx_shape(t, 1) for t in desc.inputs)
+        params["trt_profile_opt_shapes"] = ",".join(_onnx_shape(t, desc.max_batch_size) for t in desc.inputs)
+        params["trt_profile_max_shapes"] = ",".join(_onnx_shape(t, desc.max_batch_size) for t in desc.inputs)
+    body = "\n".join(f'      parameters {{ key: "{k}" value: "{v}" }}' for k, v in params.items())
+    return ("optimization { execution_accelerators {\n  gpu_execution_accelerator: [ {\n"
+            f'      name: "tensorrt"\n{body}\n  }} ]\n}} }}')
+
+
+def _warmup(desc: ModelDescription) -> str:
+    """Warm-up requests run at load: batch 1 and ``max_batch_size`` (both distinct shapes)."""
+    def inputs() -> str:
+        out = []
+        for t in desc.inputs:
+            data = "random_data: true" if t.data_type in ("TYPE_FP32", "TYPE_FP16", "TYPE_FP64") else "zero_data: true"
+            out.append(f'    inputs {{ key: "{t.name}" value: {{ data_type: {t.data_type} dims: [ {_dims(t.dims)} ] {data} }} }}')
+        return "\n".join(out)
+
+    sizes = sorted({1, desc.max_batch_size})
+    items = ",\n".join(f'  {{\n    name: "batch {b}"\n    batch_size: {b}\n    count: 1\n{inputs()}\n  }}' for b in sizes)
+    return f"model_warmup [\n{items}\n]"
 
 
 # --------------------------------------------------------------------------------------
@@ -349,7 +501,7 @@ def build_repository(params: Params, repository: str | Path | None = None, flavo
         sources = collect_sources(params, download_dir)
         with atomic_dir(repository) as tmp:
             for name, versions in sources.items():
-                desc = describe(cfg, versions)
+                desc = describe(cfg, versions, flavour)
                 model_dir = tmp / name
                 model_dir.mkdir()
                 (model_dir / "config.pbtxt").write_text(render_config(desc, flavour))
@@ -367,9 +519,34 @@ def build_repository(params: Params, repository: str | Path | None = None, flavo
                         "name": name, "version": src.version, "origin": src.origin,
                         "onnx_sha256": src.sha256, "metadata": src.metadata, "flavour": flavour,
                     })
+            layout = plan(cfg, flavour)
             write_json(tmp / "repository.json", {
                 "flavour": flavour,
                 "models": {n: sorted(s.version for s in v) for n, v in sources.items()},
+                "plan": dataclasses.asdict(layout),
                 "params_digest": params.digest(),
             })
     return repository
+
+
+def repository_from_onnx(params: Params, onnx: str | Path | dict[str, str | Path], repository: str | Path,
+                         flavour: str = "gpu", **serve: object) -> Path:
+    """Build a repository from local ONNX file(s), without the registry (benchmarks, GPU checks).
+
+    Args:
+        params: resolved config; its ``serve`` section gives batching, instances, TensorRT.
+        onnx: the generator's ONNX file, or ``{model name: file}`` for several models.
+        repository: output folder (replaced atomically).
+        flavour: ``gpu`` (default) or ``cpu``.
+        **serve: ``ServeConfig`` fields to override, e.g. ``tensorrt=True, gpus=(0, 1)``.
+
+    Returns:
+        The repository path.
+    """
+    files = {params.serve.model_name: onnx} if isinstance(onnx, (str, Path)) else dict(onnx)
+    unknown = sorted(set(serve) - {f.name for f in dataclasses.fields(ServeConfig)})
+    if unknown:
+        raise RepositoryError(f"repository_from_onnx: unknown serve field(s) {unknown}")
+    cfg = dataclasses.replace(params.serve, onnx={k: str(v) for k, v in files.items()}, models=tuple(files),
+                              flavour=flavour, repository=str(repository), **serve)
+    return build_repository(dataclasses.replace(params, serve=cfg))

@@ -79,14 +79,10 @@ def latents(seed: int, n: int, z_dim: int, z0: np.ndarray | None, jitter: float)
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM of two uint8 ``[C, H, W]`` images of the same size (data range 255)."""
-    from skimage.metrics import structural_similarity
+    """SSIM of two uint8 ``[C, H, W]`` images of the same size: :mod:`model.ssim`, the evaluation's definition."""
+    from model.ssim import ssim_pair
 
-    side = min(a.shape[-1], a.shape[-2])
-    win = min(7, side if side % 2 else side - 1)
-    x = a.astype(np.float64).transpose(1, 2, 0)  # [H, W, C]
-    y = b.astype(np.float64).transpose(1, 2, 0)
-    return float(structural_similarity(x, y, data_range=255.0, channel_axis=2, win_size=win))
+    return ssim_pair(a, b)
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -39,14 +39,25 @@ def registry(tmp_path_factory):
 def test_register_promote_rollback(registry, capsys):
     root, params = registry
     name = params.registry.model_name
-    v1 = rg.register(params, root / "export", root / "eval-fail")
-    assert (v1["version"], v1["gate"], v1["alias"]) == (1, "failed", "candidate")
+    # A failed gate registers nothing: the refusal is recorded instead.
+    refused = rg.register(params, root / "export", root / "eval-fail")
+    assert refused["registered"] is False and refused["refused"] and "gate failed" in refused["reason"]
+    assert json.loads((root / "artifacts" / "register" / "register.json").read_text())["registered"] is False
+    with pytest.raises(rg.RegistryError, match="has no @candidate"):
+        rg.promote(params)
 
+    v1 = rg.register(params, root / "export", root / "eval-pass")
+    assert (v1["version"], v1["gate"], v1["alias"], v1["registered"]) == (1, "passed", "candidate", True)
     version, path, tags = rg.resolve_alias(params, "candidate")
     assert version == 1 and path.name == "model.onnx"
     for key in ("onnx_sha256", "classes", "z_dim", "img_resolution", "img_channels", "variant", "git_commit",
-                "data_md5", "params_digest", "gate", "classifier_version", "run_id"):
+                "data_md5", "params_digest", "gate", "gate_level", "gate_release_passed", "classifier_version", "run_id"):
         assert tags[key], key
+    assert (tags["gate_level"], tags["gate_release_passed"]) == ("release", "true")
+    # A version whose gate failed (tagged by hand, or registered by an older release) is still never promoted.
+    client = rg._client(params)
+    client.set_model_version_tag(name, "1", "gate", "failed")
+    client.set_model_version_tag(name, "1", "gate_failed", json.dumps(["cond_acc/NORMAL"]))
     assert json.loads(tags["classes"]) == list(CLASSES) and tags["data_md5"] == "test-md5"
     assert tags["onnx_sha256"] == json.loads((root / "export" / "export.json").read_text())["sha256"]
 

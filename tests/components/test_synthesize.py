@@ -139,3 +139,21 @@ def test_cli_says_what_went_wrong_in_one_line(registry, capsys):
     err = capsys.readouterr().err
     assert "expected CONDITION=share" in err and "models:/radsynth-generator@nosuch does not exist" in err
     assert "Traceback" not in err
+
+
+def test_a_refused_registration_is_recorded_not_synthesized(tmp_path, capsys):
+    """Under DVC (--allow-refusal) a failed gate's refused registration ends the pipeline with a record, exit 0."""
+    from radsynth.cli import main
+
+    art = tmp_path / "artifacts"
+    (art / "register").mkdir(parents=True)
+    reason = "the evaluation gate failed at demo level (gate.json): fid_domain_units/NORMAL 14.2 > 10"
+    (art / "register" / "register.json").write_text(json.dumps({"registered": False, "refused": True, "reason": reason}))
+    flags = ["--profile", "tiny", "--set", f"paths.artifacts={art}", "--set", f"paths.mlflow_uri=sqlite:///{tmp_path}/none.db"]
+    assert main(["synthesize", *flags, "--allow-refusal"]) == 0
+    record = json.loads((art / "synthesize" / "synthesize.json").read_text())
+    assert record["refused"] is True and record["images"] == 0 and record["reason"] == reason
+    assert "synthesis refused" in capsys.readouterr().out
+    # without the flag the same command tries the registry (and says why it cannot, in one line)
+    assert main(["synthesize", *flags]) == 2
+    assert "Traceback" not in capsys.readouterr().err

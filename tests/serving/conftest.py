@@ -133,6 +133,10 @@ def triton(registry_params, classifier):
     server.start()
     try:
         server.wait_ready(90)
+        from serving.client import Client
+
+        with Client(server.grpc_url) as c:  # before any test: what the load's warm-up ran
+            server.ready_statistics = c.statistics()
         yield server
     finally:
         server.stop()

@@ -1,7 +1,8 @@
-"""Against ONE real tritonserver (session fixture): parity, batching, errors, CLI."""
+"""Against ONE real tritonserver (session fixture): parity, batching, warm-up, chunked generate, errors, CLI."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 from radsynth.latent import z_from_seed
 from serving.client import (
     Client,
+    _latent_stream,
     InvalidInputError,
     ModelNotReadyError,
     ServerUnavailableError,
@@ -69,6 +71,71 @@ def test_http_gives_the_same_images(triton, registry_params, client):
     with Client.from_config(registry_params.serve, protocol="http") as http:
         assert http.info.classes == client.info.classes
         np.testing.assert_array_equal(http.generate("COVID", 3, seed=11), client.generate("COVID", 3, seed=11))
+        assert http.in_flight == 1                                              # one request at a time over HTTP
+        np.testing.assert_array_equal(http.generate("COVID", 20, seed=11), client.generate("COVID", 20, seed=11))
+
+
+def test_latent_stream_concatenates_to_z_from_seed():
+    draw = _latent_stream(42, 16)
+    chunks = [draw(k) for k in (1, 7, 16, 3)]                                  # [k, 16] each
+    np.testing.assert_array_equal(np.concatenate(chunks), z_from_seed(42, 27, 16))
+    with pytest.raises(InvalidInputError, match="seed must be an integer"):
+        _latent_stream(-1, 16)
+
+
+class _Recording(Client):
+    """The real client, counting concurrent requests; the first ``hold`` requests wait for each
+    other, so the test fails (BrokenBarrierError) unless that many really are in flight at once."""
+
+    def __init__(self, *args, hold: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sizes, self.active, self.peak = [], 0, 0
+        self._lock = threading.Lock()
+        self._barrier = threading.Barrier(hold, timeout=20) if hold > 1 else None
+
+    def _infer_raw(self, z, labels):
+        with self._lock:
+            self.sizes.append(z.shape[0])
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            first = len(self.sizes) <= (self._barrier.parties if self._barrier else 0)
+        try:
+            if first:
+                self._barrier.wait()
+            return super()._infer_raw(z, labels)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def test_generate_any_n_is_chunked_and_independent_of_the_chunking(triton, client):
+    """n above the model's max batch (16): split into requests, several in flight, at most
+    max_in_flight; the images for a seed do not depend on the chunk size or the concurrency."""
+    n, seed = 37, 5
+    reference = to_uint8(np.concatenate([client.infer(z, np.full(len(z), 1)) for z in np.split(z_from_seed(seed, n, client.info.z_dim), [16, 32])]))
+    default = client.generate("PNEUMONIA", n, seed=seed)                       # 16 per request, 2 per instance in flight
+    assert client.images_per_request == 16 and client.in_flight == 2 * client.info.instances
+    with _Recording(triton.grpc_url, max_images_per_call=5, max_in_flight=3, hold=3) as small:
+        chunked = small.generate("PNEUMONIA", n, seed=seed)
+        assert small.sizes == [5] * 7 + [2] and small.peak == 3                 # 8 requests, exactly 3 at once at most
+    with _Recording(triton.grpc_url, max_in_flight=1) as serial:
+        one_by_one = serial.generate("PNEUMONIA", n, seed=seed)
+        assert serial.sizes == [16, 16, 5] and serial.peak == 1
+    assert default.shape == (n, 16, 16, 1)
+    for images in (default, chunked, one_by_one):
+        np.testing.assert_array_equal(images, reference)
+    np.testing.assert_array_equal(client.generate("PNEUMONIA", 10, seed=seed), reference[:10])  # a prefix is the same
+    streamed = list(client.iter_generate("PNEUMONIA", n, seed))
+    assert [start for start, _ in streamed] == [0, 16, 32]
+    np.testing.assert_array_equal(np.concatenate([chunk for _, chunk in streamed]), reference)
+    with pytest.raises(InvalidInputError, match="n must be a positive integer"):
+        client.generate("NORMAL", 0)
+
+
+def test_warmup_ran_when_the_models_loaded(triton):
+    """model_warmup: batch 1 and max batch (16) once per instance, before the first request."""
+    instances = json.loads((triton.repository / "repository.json").read_text())["plan"]["instance_count"]
+    assert triton.ready_statistics == {"inference_count": instances * (1 + 16), "execution_count": instances * 2}
 
 
 def test_64_concurrent_single_image_requests_are_batched(client):
@@ -95,17 +162,24 @@ def test_64_concurrent_single_image_requests_are_batched(client):
 
 def test_metrics_port_exports_prometheus_counters(client, triton):
     client.generate("NORMAL", 2, seed=3)
+    time.sleep(0.25)                                                            # the stub pushes its counters every 0.2 s,
+    client.generate("NORMAL", 2, seed=4)                                        # at the next execution
     text = urllib.request.urlopen(triton.metrics_url, timeout=5).read().decode()
-    counts = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith(("nv_inference_count{", "nv_inference_exec_count{")) and f'model="{MODEL}"' in line}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(("nv_inference_count{", "nv_inference_exec_count{", "radsynth_backend_")) and f'model="{MODEL}"' in line:
+            name = line.split("{")[0]
+            counts[name] = counts.get(name, 0.0) + float(line.rsplit(" ", 1)[1])  # summed over instances
     assert counts["nv_inference_count"] >= 2 and counts["nv_inference_exec_count"] >= 1
+    assert counts["radsynth_backend_executions_total"] >= 1                     # the python stub's own timing
+    assert 0 < counts["radsynth_backend_onnxruntime_us_total"] < counts["radsynth_backend_execute_us_total"]
 
 
 def test_clear_client_errors(client, triton):
     with pytest.raises(UnknownConditionError, match="valid conditions: NORMAL, PNEUMONIA, COVID"):
         client.generate("CARDIOMEGALY")
-    with pytest.raises(TooManyImagesError, match="at most 16"):
-        client.generate("NORMAL", n=17)
+    with pytest.raises(TooManyImagesError, match=r"17 images in one call; allowed 1\.\.16"):
+        client.infer(np.zeros((17, client.info.z_dim), np.float32), np.zeros(17, np.int64))
     z_dim = client.info.z_dim
     with pytest.raises(InvalidInputError, match=rf"z must be \[N, {z_dim}\]"):
         client.infer(np.zeros((2, 5), np.float32), [0, 1])
@@ -141,22 +215,26 @@ def test_generate_cli_png_dicom_and_check(triton, tmp_path):
     from PIL import Image
 
     url = triton.grpc_url
-    done = _cli("generate", "--profile", "tiny", "--url", url, "--condition", "PNEUMONIA", "-n", "3", "--seed", "7",
-                "--out", str(tmp_path / "png"))
+    done = _cli("generate", "--profile", "tiny", "--url", url, "--condition", "PNEUMONIA", "-n", "20", "--seed", "7",
+                "--out", str(tmp_path / "png"))                                 # 20 > the model's max batch (16)
     assert done.returncode == 0, done.stderr
     pngs = sorted((tmp_path / "png").glob("*.png"))
-    assert [p.name for p in pngs] == [f"PNEUMONIA_7_{i:03d}.png" for i in range(3)]
+    assert [p.name for p in pngs] == [f"PNEUMONIA_7_{i:03d}.png" for i in range(20)]
     with Client(url) as c:
-        expected = c.generate("PNEUMONIA", 3, seed=7)
+        expected = c.generate("PNEUMONIA", 20, seed=7)
     np.testing.assert_array_equal(np.stack([np.asarray(Image.open(p)) for p in pngs])[..., None], expected)
+    assert json.loads((tmp_path / "png" / "generate_PNEUMONIA_7.json").read_text())["n"] == 20
 
-    done = _cli("generate", "--profile", "tiny", "--url", url, "--condition", "COVID", "-n", "2", "--seed", "9",
+    done = _cli("generate", "--profile", "tiny", "--url", url, "--condition", "COVID", "-n", "18", "--seed", "9",
                 "--out", str(tmp_path / "dcm"), "--format", "dicom")
     assert done.returncode == 0, done.stderr
     files = sorted((tmp_path / "dcm").glob("*.dcm"))
-    ds = pydicom.dcmread(files[1])
+    series = [pydicom.dcmread(f) for f in files]
+    ds = series[1]
     assert ds.PatientName == "SYNTHETIC^RADSYNTH" and "seed 9" in ds.ImageComments and ds.InstanceNumber == 2
     assert ds.pixel_array.shape == (16, 16)
+    assert sorted(d.InstanceNumber for d in series) == list(range(1, 19))       # numbering continues across chunks
+    assert len({(d.StudyInstanceUID, d.SeriesInstanceUID) for d in series}) == 1  # one series
 
     done = _cli("generate", "--profile", "tiny", "--url", url, "--check")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -194,3 +272,36 @@ def test_serve_cli_starts_and_stops_cleanly_on_sigterm(triton, tmp_path):
             proc.kill()
     with pytest.raises(ServerUnavailableError):
         Client(f"127.0.0.1:{ports[1]}", retries=0).info
+
+
+def test_every_way_of_running_a_batch_keeps_every_answer(tiny, tmp_path):
+    """A server whose instances run batches of <= 2 on 2 threads, of >= 8 cut into 3 slices run
+    at once, others on 1 thread: the same images as onnxruntime on each path, also for
+    concurrent requests merged into one batch."""
+    from serving.repository import repository_from_onnx
+    from serving.server import TritonServer
+    from tests.serving.conftest import serving_params
+
+    params = serving_params(tmp_path, **{"serve.warmup": False})
+    repo = repository_from_onnx(params, tiny[1], tmp_path / "repo", flavour="cpu", instance_count=2, batch_workers=3,
+                                intra_op_threads=2, max_queue_delay_us=200_000, preferred_batch_sizes=())
+    # no preferred size: the batcher holds requests up to 0.2 s or until 16 images (four requests of 4) are queued
+    session = ort.InferenceSession(str(tiny[1]), providers=["CPUExecutionProvider"])
+    with TritonServer(params.serve, repo) as server, Client(server.grpc_url) as c:
+        z = z_from_seed(11, 16, c.info.z_dim)                                  # [16, z_dim]
+        labels = np.arange(16) % len(CLASSES)
+        expected = session.run(["image"], {"z": z, "class": labels})[0]
+        for n in (1, 2, 3, 7, 8, 16):                                          # threaded, 1 thread, sliced
+            np.testing.assert_allclose(c.infer(z[:n], labels[:n]), expected[:n], atol=ATOL)
+        start = threading.Barrier(4)
+
+        def one(i: int) -> np.ndarray:
+            start.wait()
+            return c.infer(z[4 * i:4 * i + 4], labels[4 * i:4 * i + 4])
+
+        before = c.statistics()
+        with ThreadPoolExecutor(4) as pool:
+            merged = np.concatenate(list(pool.map(one, range(4))))
+        after = c.statistics()
+        np.testing.assert_allclose(merged, expected, atol=ATOL)                 # each request gets its own rows back
+        assert after["execution_count"] - before["execution_count"] < 4          # at least two requests shared a batch
