@@ -19,10 +19,23 @@ Output ``<artifacts>/ingest/`` (written atomically)::
 
 Nothing identifying leaves this step: no names, IDs, dates, accession numbers, UIDs,
 institutions, physicians or source paths appear in any output, file name or log line. Every
-identifier is replaced by ``HMAC-SHA256(salt, kind || value)`` (first 20 hex digits); the
-salt comes from ``$<data.salt_env>`` or the git-ignored ``data.salt_file`` (created once, mode
-0600). Losing the salt only changes pseudonyms (and so the split), never the images. No DICOM
-is written, so nothing needs re-identification-proof header scrubbing downstream.
+identifier is replaced by ``HMAC-SHA256(salt, kind || value)`` (first 20 hex digits,
+:mod:`radsynth.deid`); the salt comes from ``$<data.salt_env>`` or the git-ignored
+``data.salt_file`` (created once, mode 0600), and is checked wherever it comes from (length, no
+placeholder). Losing the salt only changes pseudonyms (and so the split), never the images. No
+DICOM is written, so nothing needs re-identification-proof header scrubbing downstream. Labels
+become class names only when they look like one (``[A-Za-z][A-Za-z0-9_-]*``); header text is
+never copied (reasons quote standard codes only).
+
+Every DICOM goes through :func:`radsynth.dicom.read_guarded`: the file size
+(``data.max_file_bytes``), a Deflated body, modality, body part, burned-in annotation, frames,
+colour and ``Rows x Columns`` (``data.max_image_pixels``, at least ``data.img_resolution``) are
+checked from the header, and a compressed codestream's own size, before any pixel is decoded.
+Decoding runs in supervised worker processes (:func:`radsynth.pool.supervised_map`): a worker
+that crashes on a file, or spends more than ``data.record_timeout_s`` on it, costs that record
+(``worker_crashed`` / ``timeout``) and is replaced; the run goes on. A decoded image whose mean
+or contrast is out of ``data.pixel_*`` is quarantined (``near_black``, ``near_white``,
+``blank``) rather than failing validation of the whole dataset.
 
 A record that cannot be used is quarantined with a reason, never dropped silently and never
 fatal; a missing, empty or malformed labels file is fatal (:class:`IngestError`).
@@ -34,30 +47,24 @@ import argparse
 import csv
 import dataclasses
 import hashlib
-import hmac
 import io
 import json
-import logging
-import multiprocessing as mp
 import os
 import re
-import secrets
 import sys
 import time
-import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from radsynth.config import DataConfig, Params
+from radsynth.deid import Decoded, Entry, Rejected, load_salt, pseudonym  # noqa: F401  (load_salt, pseudonym: public here too)
 from radsynth.errors import RadsynthError
 
 STEP = "ingest"
 LABEL_COLUMNS = ("accession_number", "label")
 MANIFEST_COLUMNS = ("index", "study", "patient", "label")
-PSEUDONYM_HEX = 20
 
 # Every quarantine reason, with what it means (the report always lists all of them).
 REASONS: dict[str, str] = {
@@ -71,7 +78,16 @@ REASONS: dict[str, str] = {
     "no_patient_id": "no PatientID, so the patient-level split is impossible",
     "no_accession": "no AccessionNumber, so no label can be joined",
     "not_image": "file in an image folder is not a PNG/JPEG (checked by content)",
-    "too_large": "image above the decompression-bomb pixel cap",
+    "too_large": "file above data.max_file_bytes, image above data.max_image_pixels, or a Deflated body that inflates past the cap",
+    "too_small": "image smaller than data.img_resolution on a side (it would be upscaled)",
+    "inconsistent": "compressed codestream's size or components disagree with the header (not decoded)",
+    "unsupported": "compression radsynth cannot size or decode (only JPEG 2000, JPEG, RLE)",
+    "burned_in_annotation": "BurnedInAnnotation (0028,0301) is YES: identifying text may be in the pixels",
+    "worker_crashed": "the decoding process died on this file (codec crash, out of memory); the run went on",
+    "timeout": "decoding took longer than data.record_timeout_s; its process was stopped",
+    "near_black": "decoded image's mean intensity below data.pixel_mean_min",
+    "near_white": "decoded image's mean intensity above data.pixel_mean_max",
+    "blank": "decoded image's contrast (std) below data.pixel_std_min",
     "no_label": "study has no row in the labels file (or is outside a class folder)",
     "unknown_label": "label not in data.classes, or not a plausible class name",
     "conflicting_labels": "labels file gives one study different labels",
@@ -82,8 +98,8 @@ REASONS: dict[str, str] = {
     "duplicate_conflicting_labels": "identical images carry different labels: all of them quarantined",
 }
 
-_CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\- ]{0,63}$")
-_CODE = re.compile(r"^[A-Z0-9 _]{1,16}$")
+_CLASS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,47}$")  # a class name, not free text (no spaces, dots, dates)
+QUALITY_REASONS = ("near_black", "near_white", "blank")
 
 
 class IngestError(RadsynthError, ValueError):
@@ -107,36 +123,6 @@ class IngestResult:
 
 
 # --------------------------------------------------------------------------------------
-# Pseudonyms
-# --------------------------------------------------------------------------------------
-
-
-def load_salt(cfg: DataConfig, root: str | os.PathLike = ".") -> bytes:
-    """The pseudonym salt: ``$<cfg.salt_env>``, else ``cfg.salt_file`` (created once, 0600).
-
-    The salt never appears in any output; keep the file out of git (it is ignored).
-    """
-    env = os.environ.get(cfg.salt_env, "") if cfg.salt_env else ""
-    if env:
-        return env.encode()
-    path = Path(root) / cfg.salt_file
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32) + "\n")
-    salt = path.read_text().strip()
-    if len(salt) < 16:
-        raise IngestError(f"{cfg.salt_file}: salt is shorter than 16 characters; delete it to create a new one or set ${cfg.salt_env}")
-    return salt.encode()
-
-
-def pseudonym(salt: bytes, kind: str, value: str) -> str:
-    """One-way salted pseudonym of an identifier: ``HMAC-SHA256(salt, kind NUL value)[:20]``."""
-    return hmac.new(salt, f"{kind}\x00{value.strip()}".encode(), hashlib.sha256).hexdigest()[:PSEUDONYM_HEX]
-
-
-# --------------------------------------------------------------------------------------
 # Labels file
 # --------------------------------------------------------------------------------------
 
@@ -145,7 +131,7 @@ def pseudonym(salt: bytes, kind: str, value: str) -> str:
 class _Labels:
     by_study: dict[str, str]                   # study pseudonym -> label
     conflicting: set[str]                      # study pseudonyms with contradictory rows
-    quarantine: list[dict]                     # duplicate / bad rows
+    quarantine: list[Entry]                    # duplicate / bad rows
 
 
 def read_labels(path: str | os.PathLike, salt: bytes) -> _Labels:
@@ -184,12 +170,12 @@ def read_labels(path: str | os.PathLike, salt: bytes) -> _Labels:
         accession = (row.get("accession_number") or "").strip()
         label = (row.get("label") or "").strip()
         if not accession:
-            out.quarantine.append(_entry(f"line-{number}", "label_row", "bad_label_row", "empty accession_number"))
+            out.quarantine.append(Entry(f"line-{number}", "label_row", "bad_label_row", "empty accession_number"))
             continue
         study = pseudonym(salt, "study", accession)
         if study in out.by_study:
             if out.by_study[study] == label:
-                out.quarantine.append(_entry(study, "label_row", "duplicate_label_row", f"labels line {number} repeats a row"))
+                out.quarantine.append(Entry(study, "label_row", "duplicate_label_row", f"labels line {number} repeats a row"))
             else:
                 out.conflicting.add(study)
             continue
@@ -198,113 +184,170 @@ def read_labels(path: str | os.PathLike, salt: bytes) -> _Labels:
 
 
 # --------------------------------------------------------------------------------------
-# Workers (run in child processes; they return pseudonyms and pixels, never raw identifiers)
+# Workers (forked decoding processes; they return pseudonyms and pixels, never raw identifiers)
 # --------------------------------------------------------------------------------------
 
-_CTX: dict[str, Any] = {}
+
+@dataclasses.dataclass(frozen=True)
+class WorkerContext:
+    """Everything a decoding process needs, set once per process (:func:`_init_worker`)."""
+
+    salt: bytes
+    resolution: int
+    channels: int
+    modalities: tuple[str, ...]
+    body_parts: tuple[str, ...]
+    max_pixels: int
+    max_file_bytes: int
+    patient_regex: str
+    pixel_mean_min: float = 0.0
+    pixel_mean_max: float = 1.0
+    pixel_std_min: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, salt: bytes) -> "WorkerContext":
+        return cls(salt=salt, resolution=cfg.img_resolution, channels=cfg.img_channels,
+                   modalities=tuple(m.upper() for m in cfg.allowed_modalities),
+                   body_parts=tuple(b.upper() for b in cfg.allowed_body_parts), max_pixels=cfg.max_image_pixels,
+                   max_file_bytes=cfg.max_file_bytes, patient_regex=cfg.folder_patient_regex,
+                   pixel_mean_min=cfg.pixel_mean_min, pixel_mean_max=cfg.pixel_mean_max, pixel_std_min=cfg.pixel_std_min)
 
 
-def _init_worker(ctx: dict[str, Any]) -> None:
-    _CTX.clear()
-    _CTX.update(ctx)
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)  # its messages can quote headers
-    warnings.simplefilter("ignore")
+_CTX: WorkerContext | None = None
 
 
-def _entry(record: str, kind: str, reason: str, detail: str) -> dict:
-    return {"record": record, "kind": kind, "reason": reason, "detail": detail}
+def _init_worker(ctx: WorkerContext) -> None:
+    global _CTX
+    from radsynth.dicom import quiet_pydicom
+
+    _CTX = ctx
+    quiet_pydicom()  # pydicom's log records and warnings can quote header values
 
 
-def _code(value: Any) -> str:
-    """A header code value fit for a report (CS-like), or a placeholder."""
-    text = str(value or "").strip().upper()
-    return text if _CODE.match(text) else ("missing" if not text else "unrecognised value")
+def _ctx() -> WorkerContext:
+    if _CTX is None:
+        raise RuntimeError("ingest worker used before _init_worker")
+    return _CTX
+
+
+class _Refused(Exception):
+    """A header-stage refusal inside a worker: (reason, detail)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
 
 
 def _finish(img01: np.ndarray) -> tuple[np.ndarray, str]:
+    """(uint8 [C, R, R] training image, sha256 of the full-resolution 8-bit pixels); quality-checked."""
     from radsynth.imaging import prepare
 
+    ctx = _ctx()
     native = np.rint(np.asarray(img01, dtype=np.float32) * 255.0).astype(np.uint8)  # [H, W]
     digest = hashlib.sha256(np.asarray(native.shape, dtype=np.int64).tobytes() + native.tobytes()).hexdigest()
-    return prepare(img01, _CTX["resolution"], _CTX["channels"]), digest
+    del native
+    image = prepare(img01, ctx.resolution, ctx.channels)
+    scaled = image.astype(np.float32) / 255.0
+    mean, std = float(scaled.mean()), float(scaled.std())
+    if mean < ctx.pixel_mean_min:
+        raise _Refused("near_black", f"mean intensity {mean:.3f} below data.pixel_mean_min {ctx.pixel_mean_min:g}")
+    if mean > ctx.pixel_mean_max:
+        raise _Refused("near_white", f"mean intensity {mean:.3f} above data.pixel_mean_max {ctx.pixel_mean_max:g}")
+    if std < ctx.pixel_std_min:
+        raise _Refused("blank", f"contrast (std) {std:.3f} below data.pixel_std_min {ctx.pixel_std_min:g}")
+    return image, digest
 
 
-def _process_dicom(task: tuple[int, str, str]) -> dict:
+def _process_dicom(task: tuple[int, str, str]):
     return _guarded(_process_dicom_unsafe, task)
 
 
-def _process_image(task: tuple[int, str, str]) -> dict:
+def _process_image(task: tuple[int, str, str]):
     return _guarded(_process_image_unsafe, task)
 
 
-def _guarded(worker, task: tuple[int, str, str]) -> dict:
+def _guarded(worker, task: tuple[int, str, str]):
     """A record never stops the run: anything unexpected becomes an ``unreadable`` entry."""
     try:
         return worker(task)
-    except Exception as exc:  # a codec or parser bug on one odd file
-        record = pseudonym(_CTX["salt"], "file", task[2])
-        return {"ok": False, **_entry(record, "file", "unreadable", f"unexpected {type(exc).__name__} while decoding"), "study_hint": None}
+    except Exception as exc:  # a codec or parser bug on one odd file (its message may quote header values)
+        record = pseudonym(_ctx().salt, "file", task[2])
+        return Rejected(Entry(record, "file", "unreadable", f"unexpected {type(exc).__name__} while decoding"), None)
 
 
-def _process_dicom_unsafe(task: tuple[int, str, str]) -> dict:
-    from radsynth.imaging import ImageError, dicom_to_array, read_dicom
+def _process_dicom_unsafe(task: tuple[int, str, str]):
+    from radsynth.dicom import BODY_PARTS, MODALITIES, ImageError, Limits, dicom_to_array, header_code, header_text, read_guarded
 
     _, path, rel = task
-    salt = _CTX["salt"]
-    file_key = pseudonym(salt, "file", rel)
+    ctx = _ctx()
+    file_key = pseudonym(ctx.salt, "file", rel)
     # The sample names files <Accession>.dcm: a stem lets a label row find an unparseable file.
-    hint = pseudonym(salt, "study", Path(rel).stem)
+    hint = pseudonym(ctx.salt, "study", Path(rel).stem)
+    seen: dict[str, str] = {}
+
+    def inspect(head) -> None:  # the header alone, before any image check or pixel read
+        accession, patient_id = header_text(head, "AccessionNumber"), header_text(head, "PatientID")
+        seen.update(accession=accession, patient=patient_id)
+        modality = header_code(head, "Modality", MODALITIES | set(ctx.modalities))
+        if ctx.modalities and modality not in ctx.modalities:
+            raise _Refused("wrong_modality", f"modality {modality} not in {list(ctx.modalities)}")
+        body = header_code(head, "BodyPartExamined", BODY_PARTS | set(ctx.body_parts))
+        if ctx.body_parts and body not in ctx.body_parts:
+            raise _Refused("wrong_body_part", f"body part {body} not in {list(ctx.body_parts)}")
+        if header_code(head, "BurnedInAnnotation", frozenset(("YES", "NO"))) == "YES":
+            raise _Refused("burned_in_annotation", "the header declares burned-in annotation (0028,0301) YES")
+        if not patient_id:
+            raise _Refused("no_patient_id", "PatientID is empty")
+        if not accession:
+            raise _Refused("no_accession", "AccessionNumber is empty")
+
+    def rejected(reason: str, detail: str):
+        accession = seen.get("accession", "")
+        record, kind = (pseudonym(ctx.salt, "study", accession), "study") if accession else (file_key, "file")
+        return Rejected(Entry(record, kind, reason, detail), record if accession else hint)
+
+    limits = Limits(max_pixels=ctx.max_pixels, min_side=ctx.resolution, max_bytes=ctx.max_file_bytes)
     try:
-        ds = read_dicom(path)
+        checked = read_guarded(path, limits, inspect=inspect)
+        image, digest = _finish(dicom_to_array(checked.ds, limits))
+    except _Refused as exc:
+        return rejected(exc.reason, exc.detail)
     except ImageError as exc:
-        return {"ok": False, **_entry(file_key, "file", exc.reason, str(exc)), "study_hint": hint}
-    accession = str(ds.get("AccessionNumber", "") or "").strip()
-    patient_id = str(ds.get("PatientID", "") or "").strip()
-    record, kind = (pseudonym(salt, "study", accession), "study") if accession else (file_key, "file")
-    base = {"study_hint": record if accession else hint}
-
-    def reject(reason: str, detail: str) -> dict:
-        return {"ok": False, **_entry(record, kind, reason, detail), **base}
-
-    modality = str(ds.get("Modality", "") or "").strip().upper()
-    if _CTX["modalities"] and modality not in _CTX["modalities"]:
-        return reject("wrong_modality", f"modality {_code(modality)} not in {list(_CTX['modalities'])}")
-    body = str(ds.get("BodyPartExamined", "") or "").strip().upper()
-    if _CTX["body_parts"] and body not in _CTX["body_parts"]:
-        return reject("wrong_body_part", f"body part {_code(body)} not in {list(_CTX['body_parts'])}")
-    if not patient_id:
-        return reject("no_patient_id", "PatientID is empty")
-    if not accession:
-        return reject("no_accession", "AccessionNumber is empty")
-    try:
-        image, digest = _finish(dicom_to_array(ds))
-    except ImageError as exc:
-        return reject(exc.reason, str(exc))
-    return {"ok": True, "record": record, "kind": "study", "patient": pseudonym(salt, "patient", patient_id), "image": image, "digest": digest, **base}
+        return rejected(exc.reason, str(exc))
+    study = pseudonym(ctx.salt, "study", seen["accession"])
+    return Decoded(study, "study", pseudonym(ctx.salt, "patient", seen["patient"]), image, digest, study)
 
 
-def _process_image_unsafe(task: tuple[int, str, str]) -> dict:
+def _process_image_unsafe(task: tuple[int, str, str]):
     from radsynth.imaging import ImageError, decode_image_bytes
 
     _, path, rel = task
-    salt = _CTX["salt"]
-    record = pseudonym(salt, "file", rel)
+    ctx = _ctx()
+    record = pseudonym(ctx.salt, "file", rel)
     parts = Path(rel).parts
     label = parts[0] if len(parts) > 1 else ""
-    base = {"record": record, "kind": "file", "study_hint": None, "folder_label": label}
+
+    def rejected(reason: str, detail: str):
+        return Rejected(Entry(record, "file", reason, detail), None)
+
     try:
+        if os.stat(path).st_size > ctx.max_file_bytes:
+            return rejected("too_large", f"file above data.max_file_bytes ({ctx.max_file_bytes / 2**20:.0f} MiB)")
         data = Path(path).read_bytes()
-        img01 = decode_image_bytes(data, max_pixels=_CTX["max_pixels"])
+        img01 = decode_image_bytes(data, max_pixels=ctx.max_pixels)
+        if min(img01.shape) < ctx.resolution:
+            return rejected("too_small", f"image is {img01.shape[1]}x{img01.shape[0]} pixels, smaller than {ctx.resolution}")
         image, digest = _finish(img01)
     except OSError as exc:
-        return {"ok": False, **base, "reason": "unreadable", "detail": f"cannot read the file ({type(exc).__name__})"}
+        return rejected("unreadable", f"cannot read the file ({type(exc).__name__})")
     except ImageError as exc:
-        return {"ok": False, **base, "reason": exc.reason, "detail": str(exc)}
+        return rejected(exc.reason, str(exc))
+    except _Refused as exc:
+        return rejected(exc.reason, exc.detail)
     stem = Path(rel).stem
-    regex = _CTX["patient_regex"]
-    match = re.search(regex, stem) if regex else None
+    match = re.search(ctx.patient_regex, stem) if ctx.patient_regex else None
     key = (match.group(1) if match and match.groups() else match.group(0)) if match else rel
-    return {"ok": True, **base, "patient": pseudonym(salt, "patient", key), "image": image, "digest": digest}
+    return Decoded(record, "file", pseudonym(ctx.salt, "patient", key), image, digest, None, folder_label=label)
 
 
 # --------------------------------------------------------------------------------------
@@ -352,7 +395,6 @@ def ingest(params: Params, out_dir: str | os.PathLike | None = None, workers: in
     out_dir = Path(out_dir or Path(params.paths.artifacts) / STEP)
     n_workers = resolve_workers(cfg.workers if workers is None else workers)
     salt = load_salt(cfg)
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
 
     if cfg.source == "dicom":
         root = Path(cfg.dicom_dir)
@@ -371,17 +413,9 @@ def ingest(params: Params, out_dir: str | os.PathLike | None = None, workers: in
     if not tasks:
         raise IngestError(f"no files under {root}; is the export there (dvc pull data.dvc)?")
 
-    ctx = {
-        "salt": salt,
-        "resolution": cfg.img_resolution,
-        "channels": cfg.img_channels,
-        "modalities": tuple(m.upper() for m in cfg.allowed_modalities),
-        "body_parts": tuple(b.upper() for b in cfg.allowed_body_parts),
-        "max_pixels": cfg.max_image_pixels,
-        "patient_regex": cfg.folder_patient_regex,
-    }
+    ctx = WorkerContext.from_config(cfg, salt)
     start = time.perf_counter()
-    results = _run_workers(worker, tasks, ctx, n_workers, progress, tqdm)
+    results = _run_workers(worker, tasks, ctx, n_workers, progress, tqdm, cfg.record_timeout_s)
     decode_s = time.perf_counter() - start
 
     kept, quarantine, class_names = _assemble(results, labels, cfg)
@@ -389,22 +423,23 @@ def ingest(params: Params, out_dir: str | os.PathLike | None = None, workers: in
         _write_outputs(out_dir, params, [], quarantine, class_names, cfg, {})
         raise IngestError(f"no usable image among {len(tasks)} files; see {out_dir / 'quarantine.json'} for the reasons")
 
-    images = np.stack([r["image"] for r in kept])  # [N, C, R, R]
-    counts = Counter(q["reason"] for q in quarantine)
-    class_counts = {c: sum(r["label"] == c for r in kept) for c in class_names}
+    images = np.stack([r.image for r, _ in kept])  # [N, C, R, R]
+    counts = Counter(q.reason for q in quarantine)
+    class_counts = {c: sum(label == c for _, label in kept) for c in class_names}
     summary = {
         "step": STEP,
         "source": cfg.source,
         "data_md5": data_version(),
         "num_records": len(tasks),
         "num_images": len(kept),
-        "num_patients": len({r["patient"] for r in kept}),
+        "num_patients": len({r.patient for r, _ in kept}),
         "classes": list(class_names),
         "class_counts": class_counts,
         "img_resolution": cfg.img_resolution,
         "img_channels": cfg.img_channels,
         "quarantine": {k: counts.get(k, 0) for k in REASONS},
         "quarantine_total": len(quarantine),
+        "quality_quarantined": sum(counts.get(k, 0) for k in QUALITY_REASONS),
         "workers": n_workers,
         "decode_seconds": round(decode_s, 3),
         "studies_per_s": round(len(tasks) / max(decode_s, 1e-9), 1),
@@ -425,96 +460,102 @@ def ingest(params: Params, out_dir: str | os.PathLike | None = None, workers: in
     )
 
 
-def _run_workers(worker, tasks, ctx, n_workers, progress, tqdm) -> list[dict]:
+def _run_workers(worker, tasks, ctx: WorkerContext, n_workers, progress, tqdm, timeout_s: float) -> list:
+    """Every task's record, in task order, from supervised processes (a crash or an overrun
+    becomes that record's quarantine entry; see :mod:`radsynth.pool`)."""
+    from radsynth.pool import Failure, supervised_map
+
     bar = tqdm(total=len(tasks), desc=STEP, unit="study", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    results: list[dict] = []
+    results: list = [None] * len(tasks)
+    chunk = max(1, min(64, len(tasks) // (n_workers * 8)))
     try:
-        if n_workers == 1:
-            with warnings.catch_warnings():
-                _init_worker(ctx)
-                for task in tasks:
-                    results.append(worker(task))
-                    bar.update()
-            _CTX.clear()  # the salt does not outlive the run in this process
-        else:
-            chunk = max(1, min(64, len(tasks) // (n_workers * 8)))
-            with mp.get_context().Pool(n_workers, initializer=_init_worker, initargs=(ctx,)) as pool:
-                for res in pool.imap(worker, tasks, chunksize=chunk):
-                    results.append(res)
-                    bar.update()
+        for index, res in supervised_map(worker, tasks, n_workers, initializer=_init_worker, initargs=(ctx,),
+                                         timeout_s=timeout_s, chunk=chunk):
+            if isinstance(res, Failure):
+                record = pseudonym(ctx.salt, "file", tasks[index][2])
+                res = Rejected(Entry(record, "file", res.reason, res.detail), None)
+            results[index] = res
+            bar.update()
     finally:
         bar.close()
     return results
 
 
-def _assemble(results: list[dict], labels: _Labels | None, cfg: DataConfig) -> tuple[list[dict], list[dict], list[str]]:
-    """Join labels, drop duplicates, and decide the class list; every drop is quarantined."""
-    quarantine: list[dict] = []
+def _assemble(results: list, labels: _Labels | None, cfg: DataConfig) -> tuple[list[tuple[Decoded, str]], list[Entry], list[str]]:
+    """Join labels, drop duplicates, and decide the class list; every drop is quarantined.
+
+    Returns:
+        ``([(record, label)], quarantine entries, class names)``.
+    """
+    quarantine: list[Entry] = []
     wanted = tuple(cfg.classes)
-    ok: list[dict] = []
+    ok: list[tuple[Decoded, str]] = []
     seen_studies: set[str] = set()
     for res in results:
-        if res.get("study_hint"):
-            seen_studies.add(res["study_hint"])
-        if not res["ok"]:
-            quarantine.append(_entry(res["record"], res["kind"], res["reason"], res["detail"]))
+        if res.study_hint:
+            seen_studies.add(res.study_hint)
+        if isinstance(res, Rejected):
+            quarantine.append(res.entry)
             continue
         if labels is not None:
-            study = res["record"]
+            study = res.record
             if study in labels.conflicting:
-                quarantine.append(_entry(study, "study", "conflicting_labels", "labels file gives this study different labels"))
+                quarantine.append(Entry(study, "study", "conflicting_labels", "labels file gives this study different labels"))
                 continue
             label = labels.by_study.get(study)
             if label is None:
-                quarantine.append(_entry(study, "study", "no_label", "no row in the labels file"))
+                quarantine.append(Entry(study, "study", "no_label", "no row in the labels file"))
                 continue
         else:
-            label = res["folder_label"]
+            label = res.folder_label
             if not label:
-                quarantine.append(_entry(res["record"], res["kind"], "no_label", "image is not inside a class sub-folder"))
+                quarantine.append(Entry(res.record, res.kind, "no_label", "image is not inside a class sub-folder"))
                 continue
-        if not _CLASS_NAME.match(label) or (wanted and label not in wanted):
-            detail = f"label {label!r} not in data.classes {list(wanted)}" if _CLASS_NAME.match(label) else "label is not a plausible class name"
-            quarantine.append(_entry(res["record"], res["kind"], "unknown_label", detail))
+        if not _CLASS_NAME.match(label):  # free text (a name, a date, a note) never becomes a class
+            quarantine.append(Entry(res.record, res.kind, "unknown_label", "label is not a plausible class name"))
             continue
-        ok.append({**res, "label": label})
+        if wanted and label not in wanted:
+            quarantine.append(Entry(res.record, res.kind, "unknown_label", f"label not in data.classes {list(wanted)}"))
+            continue
+        ok.append((res, label))
 
     if labels is not None:
         quarantine.extend(labels.quarantine)
         for study in sorted(set(labels.by_study) - seen_studies):
-            quarantine.append(_entry(study, "label_row", "label_without_study", "labels row names a study that is not in the export"))
+            quarantine.append(Entry(study, "label_row", "label_without_study", "labels row names a study that is not in the export"))
 
     # Output order follows the pseudonyms, so it reveals nothing about accession order.
-    ok.sort(key=lambda r: r["record"])
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in ok:
-        groups[r["digest"]].append(r)
+    ok.sort(key=lambda pair: pair[0].record)
+    groups: dict[str, list[tuple[Decoded, str]]] = defaultdict(list)
+    for pair in ok:
+        groups[pair[0].digest].append(pair)
     kept = []
-    for r in ok:
-        group = groups[r["digest"]]
+    for pair in ok:
+        r = pair[0]
+        group = groups[r.digest]
         if len(group) == 1:
-            kept.append(r)
-        elif len({g["label"] for g in group}) > 1:
-            quarantine.append(_entry(r["record"], r["kind"], "duplicate_conflicting_labels", f"{len(group)} identical images with different labels"))
-        elif r is group[0]:
-            kept.append(r)
+            kept.append(pair)
+        elif len({label for _, label in group}) > 1:
+            quarantine.append(Entry(r.record, r.kind, "duplicate_conflicting_labels", f"{len(group)} identical images with different labels"))
+        elif pair is group[0]:
+            kept.append(pair)
         else:
-            quarantine.append(_entry(r["record"], r["kind"], "duplicate_image", f"same decoded pixels as record {group[0]['record']}"))
+            quarantine.append(Entry(r.record, r.kind, "duplicate_image", f"same decoded pixels as record {group[0][0].record}"))
 
-    class_names = list(wanted) if wanted else sorted({r["label"] for r in kept})
-    quarantine.sort(key=lambda q: (q["reason"], q["record"]))
+    class_names = list(wanted) if wanted else sorted({label for _, label in kept})
+    quarantine.sort(key=lambda q: (q.reason, q.record))
     return kept, quarantine, class_names
 
 
 def _write_outputs(out_dir, params, kept, quarantine, class_names, cfg, summary, images=None) -> None:
     from radsynth.io import atomic_dir
 
-    counts = Counter(q["reason"] for q in quarantine)
+    counts = Counter(q.reason for q in quarantine)
     report = {
         "counts": {k: counts.get(k, 0) for k in REASONS},
         "total": len(quarantine),
         "reasons": REASONS,
-        "entries": quarantine,
+        "entries": [q.as_dict() for q in quarantine],
     }
     with atomic_dir(out_dir) as tmp:
         if images is None:
@@ -523,8 +564,8 @@ def _write_outputs(out_dir, params, kept, quarantine, class_names, cfg, summary,
         with open(tmp / "manifest.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(MANIFEST_COLUMNS)
-            for i, r in enumerate(kept):
-                writer.writerow((i, r["record"], r["patient"], r["label"]))
+            for i, (r, label) in enumerate(kept):
+                writer.writerow((i, r.record, r.patient, label))
         (tmp / "quarantine.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         (tmp / "ingest.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         params.save(tmp / "params.yaml")

@@ -6,6 +6,9 @@
 * Split: train/val/test by PATIENT (``data.split_*``, 80/10/10 by default), stratified by each
   patient's label (the most frequent label among the patient's studies; ties to the first
   class), deterministic for a given seed and salt. No patient is in two splits.
+* Ingest's quarantine counts travel in ``dataset.json`` (``ingest``) so validation can gate on
+  the share of images dropped for quality (``data.max_quality_fraction``): one near-black image
+  is quarantined, a dataset that loses many is refused.
 * Augmentation only when params say so: ``data.hflip: true`` appends a left-right mirrored copy
   of every TRAINING image (same patient, same label; val/test untouched). Off by default: on a
   chest radiograph the heart is on the left, and a mirrored chest is a different anatomy.
@@ -173,6 +176,10 @@ def preprocess(params: Params, ingest_dir: str | os.PathLike | None = None, out_
         "augment": {"hflip": cfg.hflip, "augmented_images": augmented},
         "split_fractions": {"train": cfg.split_train, "val": cfg.split_val, "test": cfg.split_test},
         "split_patients": split_pat,
+        # what ingest quarantined, for validate's dataset-level checks (counts only)
+        "ingest": {"num_images": int(summary.get("num_images", n)),
+                   "quality_quarantined": int(summary.get("quality_quarantined", 0)),
+                   "quarantine_total": int(summary.get("quarantine_total", 0))},
     }
     save_dataset(out_dir, by_level, list(patients), labels, list(splits), classes, extra_meta=meta)
     result = PreprocessResult(

@@ -17,6 +17,9 @@
   does the encoder's (the newest encoder trained against that exact generator ONNX).
 * ``rollback``: moves ``champion`` back to the previous champion (history kept as JSON in
   the registered model's tag ``registry.history_tag``).
+* Every version ``promote``/``rollback`` makes ``champion`` (generator, classifier, encoder) is
+  signed (:mod:`radsynth.signing`: model, version and ONNX sha256, with the key only the
+  promoting step holds); ``radsynth serve`` refuses a registry version without that signature.
 
 Versions are always resolved by alias (:func:`resolve_alias`), never as "latest".
 """
@@ -313,13 +316,29 @@ def _version(client, name: str, version: int):
         raise RegistryError(f"{name} has no version {version}") from None
 
 
+def _sign(client, params: Params, name: str, version: str) -> None:
+    """Sign ``name`` v``version`` (its ``onnx_sha256`` tag, set at registration) for serving."""
+    from radsynth.signing import load_private_key, sign
+
+    sha = (client.get_model_version(name, str(version)).tags or {}).get("onnx_sha256")
+    if not sha:
+        raise RegistryError(f"{name} v{version} has no onnx_sha256 tag; it cannot be signed for serving")
+    for key, value in sign(load_private_key(params.signing, create=True), name, version, sha).items():
+        client.set_model_version_tag(name, str(version), key, value)
+
+
 def _set_champion(client, params: Params, mv) -> None:
     reg = params.registry
-    client.set_registered_model_alias(reg.model_name, reg.champion_alias, str(mv.version))
     clf_version = (mv.tags or {}).get("classifier_version")
+    enc_version = _encoder_for(client, params.web.encoder_name, (mv.tags or {}).get("onnx_sha256", ""))
+    _sign(client, params, reg.model_name, str(mv.version))  # signed before any alias moves
+    if clf_version:
+        _sign(client, params, reg.classifier_name, clf_version)
+    if enc_version:
+        _sign(client, params, params.web.encoder_name, enc_version)
+    client.set_registered_model_alias(reg.model_name, reg.champion_alias, str(mv.version))
     if clf_version:
         client.set_registered_model_alias(reg.classifier_name, reg.champion_alias, clf_version)
-    enc_version = _encoder_for(client, params.web.encoder_name, (mv.tags or {}).get("onnx_sha256", ""))
     if enc_version:
         client.set_registered_model_alias(params.web.encoder_name, reg.champion_alias, enc_version)
 

@@ -6,12 +6,17 @@ The dataset is described by five small pandas tables, each validated by its own 
 * ``images``   one row per image: manifest columns, full-resolution shape/dtype, pixel stats
 * ``levels``   one row per progressive level: shape, dtype, row count
 * ``classes``  one row per (split, class): count and fraction of the split
-* ``patients`` one row per patient: number of splits the patient appears in
+* ``patients`` one row per (patient, split) pair seen in the manifest: a patient in two splits
+  is two rows, so "one row per patient" can fail (a groupby index never could)
 * ``columns``  one row per column name of every table the dataset ships (``manifest.csv``)
+* ``quarantine`` one row: the share of ingested images quarantined for quality (near-black,
+  near-white, blank)
 
 Checks: shapes, dtype, label set, class-balance bounds (``data.min/max_class_fraction``, per
-split), split disjointness by patient, pixel statistics (``data.pixel_*``), pseudonym format,
-and no PHI-looking column. Writes ``<artifacts>/validate/report.json`` and ``summary.md``;
+split), split disjointness by patient, pixel statistics (``data.pixel_*``: ingest already
+quarantined each outlier with its reason, so these hold unless the dataset was built some other
+way), the quality-quarantine share (``data.max_quality_fraction``: the dataset-level gate),
+pseudonym format, and no PHI-looking column. Writes ``<artifacts>/validate/report.json`` and ``summary.md``;
 a failed expectation makes ``radsynth validate`` exit 1 and names it.
 """
 
@@ -93,9 +98,13 @@ def dataset_tables(dataset_dir: str | os.PathLike) -> dict:
         for i, name in enumerate(ds.classes):
             count = int((in_split & (ds.labels == i)).sum())
             class_rows.append({"split": split, "label": name, "count": count, "fraction": count / total if total else 0.0})
-    splits_per_patient = pd.DataFrame({"patient": ds.patients, "split": ds.splits}).groupby("patient")["split"].nunique()
-    patients = pd.DataFrame({"patient": splits_per_patient.index, "num_splits": splits_per_patient.to_numpy()})
+    pairs = pd.DataFrame({"patient": ds.patients, "split": ds.splits}).drop_duplicates(ignore_index=True)
+    splits_per_patient = pairs.groupby("patient")["split"].transform("nunique")
+    patients = pd.DataFrame({"patient": pairs["patient"], "split": pairs["split"], "num_splits": splits_per_patient})
     columns = pd.DataFrame({"table": "manifest.csv", "column": manifest_columns})
+    ingested = ds.meta.get("ingest") or {}
+    kept, dropped = int(ingested.get("num_images", len(ds))), int(ingested.get("quality_quarantined", 0))
+    quarantine = pd.DataFrame({"quality_quarantined": [dropped], "quality_fraction": [dropped / max(kept + dropped, 1)]})
     return {
         "dataset": ds,
         "images": images,
@@ -103,6 +112,7 @@ def dataset_tables(dataset_dir: str | os.PathLike) -> dict:
         "classes": pd.DataFrame(class_rows),
         "patients": patients,
         "columns": columns,
+        "quarantine": quarantine,
     }
 
 
@@ -152,8 +162,13 @@ def build_suites(params: Params, ds) -> dict[str, list]:
                                             meta=why("class balance in every split (data.min/max_class_fraction)")),
         ],
         "patients": [
-            E.ExpectColumnValuesToBeUnique(column="patient", meta=why("one row per patient")),
+            E.ExpectColumnValuesToBeUnique(column="patient", meta=why("one (patient, split) pair per patient: each patient in one split")),
             E.ExpectColumnValuesToBeBetween(column="num_splits", min_value=1, max_value=1, meta=why("no patient in two splits")),
+        ],
+        "quarantine": [
+            E.ExpectColumnValuesToBeBetween(column="quality_fraction", min_value=0.0, max_value=cfg.max_quality_fraction,
+                                            meta=why("few images dropped for quality (data.max_quality_fraction): "
+                                                     "one outlier is quarantined, a broken export is refused")),
         ],
         "columns": [
             E.ExpectColumnValuesToBeInSet(column="column", value_set=list(MANIFEST_COLUMNS), meta=why("manifest has exactly the contract's columns")),

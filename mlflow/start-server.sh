@@ -12,6 +12,9 @@
 #   MLFLOW_ALLOWED_HOSTS       Host headers accepted (DNS-rebinding protection), default
 #                              localhost:*,127.0.0.1:*; cluster: mlflow,mlflow.radsynth.svc...
 #   MLFLOW_METRICS_DIR         when set, Prometheus metrics are exposed on /metrics
+#   MLFLOW_APP_NAME            e.g. basic-auth: MLflow's authentication app (cluster; needs mlflow[auth];
+#                              MLFLOW_AUTH_CONFIG_PATH names its basic_auth.ini). Unset: no authentication,
+#                              for the loopback-only local UI.
 #
 # --serve-artifacts proxies artefact uploads and downloads through the server, so training
 # pods and Triton's init container need only the tracking URI, never object-store keys.
@@ -29,4 +32,5 @@ exec mlflow server \
   --port "${MLFLOW_PORT:-5000}" \
   --workers "${MLFLOW_WORKERS:-2}" \
   --allowed-hosts "${MLFLOW_ALLOWED_HOSTS:-localhost:*,127.0.0.1:*}" \
-  ${MLFLOW_METRICS_DIR:+--expose-prometheus "$MLFLOW_METRICS_DIR"}
+  ${MLFLOW_METRICS_DIR:+--expose-prometheus "$MLFLOW_METRICS_DIR"} \
+  ${MLFLOW_APP_NAME:+--app-name "$MLFLOW_APP_NAME"}

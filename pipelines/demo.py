@@ -10,7 +10,11 @@ Steps (each prints what it does; long ones show their own progress bars):
    stays in service.
 3. ``radsynth serve`` (Triton on the ``champion``), the MLflow UI, and ``radsynth web``; their
    URLs are printed once each answers.
-4. Ctrl-C (or SIGTERM) stops every process this script started, newest first.
+4. Supervision until Ctrl-C: a service that exits is started again after a backoff (1 s, doubling
+   to 30 s while it keeps failing; back to 1 s once it has run for a minute), and the others keep
+   running. A crashed Triton comes back on the model repository it already built (``--no-build``)
+   while the web app shows its 503 page; the web app and the MLflow UI are never torn down with it.
+5. Ctrl-C (or SIGTERM) stops every process this script started, newest first.
 
 Run from the project root: ``.venv/bin/python -m pipelines.demo [--profile cpu] [--no-serve]``.
 """
@@ -18,6 +22,7 @@ Run from the project root: ``.venv/bin/python -m pipelines.demo [--profile cpu] 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -27,13 +32,37 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import threading
 
 from radsynth.config import Params, load_params
 from radsynth.errors import RadsynthError
 
 MLFLOW_UI_PORT = 5000
 MLFLOW_SCRIPT = Path("mlflow") / "start-server.sh"
+BACKOFF_FIRST_S = 1.0                          # first restart delay of a service that exited
+BACKOFF_MAX_S = 30.0                           # the delay doubles up to this while it keeps failing
+STABLE_S = 60.0                                # a service that ran this long starts again from BACKOFF_FIRST_S
+
+
+@dataclasses.dataclass
+class Service:
+    """A long-running child the demo keeps alive."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str] | None = None
+    restart_argv: list[str] | None = None      # how to start it again (e.g. Triton without rebuilding); default argv
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    failures: int = 0                          # exits in a row without a stable run
+    restart_at: float | None = None            # when the next start is due (None: running)
+
+    def backoff_s(self) -> float:
+        return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(self.failures - 1, 0))
 
 
 class Demo:
@@ -57,6 +86,36 @@ class Demo:
                                     start_new_session=True)
         self.children.append((name, proc))
         return proc
+
+    def launch(self, service: Service, restart: bool = False) -> subprocess.Popen:
+        """Start (or start again) ``service``; the process replaces its old one in :attr:`children`."""
+        argv = service.restart_argv if restart and service.restart_argv else service.argv
+        if service.proc is not None:
+            self.children = [(n, p) for n, p in self.children if p is not service.proc]
+        service.proc = self.start(service.name, argv, service.log, env=service.env)
+        service.started_at, service.restart_at = time.monotonic(), None
+        return service.proc
+
+    def supervise_once(self, services: Sequence[Service]) -> None:
+        """One supervision pass: note exits, schedule restarts with backoff, start what is due."""
+        now = time.monotonic()
+        for service in services:
+            proc = service.proc
+            if service.restart_at is None and proc is not None and proc.poll() is not None:
+                ran = now - service.started_at
+                service.failures = 1 if ran >= STABLE_S else service.failures + 1
+                service.restart_at = now + service.backoff_s()
+                print(f"{service.name} exited with status {proc.returncode} after {ran:.0f} s; starting it again in "
+                      f"{service.backoff_s():.0f} s (the other services keep running; log: {service.log})", flush=True)
+            elif service.restart_at is not None and now >= service.restart_at:
+                print(f"starting {service.name} again (restart {service.failures})", flush=True)
+                self.launch(service, restart=True)
+
+    def supervise(self, services: Sequence[Service], stop: "threading.Event | None" = None, poll_s: float = 0.2) -> None:
+        """Keep ``services`` running until ``stop`` is set (or Ctrl-C)."""
+        while stop is None or not stop.is_set():
+            self.supervise_once(services)
+            time.sleep(poll_s)
 
     def stop(self) -> None:
         """SIGTERM every child's process group (newest first), SIGKILL what is left after 15 s."""
@@ -210,39 +269,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if passed is False else 1
         serve, web = params.serve, params.web
         triton_log, web_log, mlflow_log = logs / "triton.log", logs / "web.log", logs / "mlflow.log"
-        triton = demo.start("Triton", serve_command(params), triton_log)
-        mlflow_proc = None
+        argv = serve_command(params)
+        triton = Service("Triton", argv, triton_log, restart_argv=argv + ["--no-build"])
+        services = [triton]
+        demo.launch(triton)
+        mlflow_ui = None
         if params.paths.mlflow_uri.startswith("sqlite:///") and MLFLOW_SCRIPT.is_file():
             # The UI over the same SQLite registry the pipeline wrote (a server URI needs none).
             mlflow_env = {"MLFLOW_BACKEND_STORE_URI": params.paths.mlflow_uri,
                           "MLFLOW_ARTIFACTS_DESTINATION": str(Path(params.paths.mlflow_artifacts).resolve()),
                           "MLFLOW_PORT": str(MLFLOW_UI_PORT), "MLFLOW_WORKERS": "1"}
-            mlflow_proc = demo.start("MLflow UI", ["sh", str(MLFLOW_SCRIPT)], mlflow_log, env=mlflow_env)
-        wait_http(f"http://{serve.host}:{serve.http_port}/v2/health/ready", triton, serve.ready_timeout_s, "Triton", triton_log)
-        web_proc = demo.start("web app", ["radsynth", "web", "--profile", params.profile], web_log)
-        wait_http(f"http://{web.host}:{web.port}/", web_proc, 120, "web app", web_log)
-        if mlflow_proc is not None:
+            mlflow_ui = Service("MLflow UI", ["sh", str(MLFLOW_SCRIPT)], mlflow_log, env=mlflow_env)
+            demo.launch(mlflow_ui)
+        wait_http(f"http://{serve.host}:{serve.http_port}/v2/health/ready", triton.proc, serve.ready_timeout_s, "Triton", triton_log)
+        web_app = Service("web app", ["radsynth", "web", "--profile", params.profile], web_log)
+        demo.launch(web_app)
+        services.append(web_app)
+        wait_http(f"http://{web.host}:{web.port}/", web_app.proc, 120, "web app", web_log)
+        if mlflow_ui is not None:
             try:
-                wait_http(f"http://127.0.0.1:{MLFLOW_UI_PORT}/health", mlflow_proc, 60, "MLflow UI", mlflow_log)
+                wait_http(f"http://127.0.0.1:{MLFLOW_UI_PORT}/health", mlflow_ui.proc, 60, "MLflow UI", mlflow_log)
+                services.append(mlflow_ui)
             except RadsynthError as exc:
                 print(f"(MLflow UI not available: {exc})", flush=True)
-                mlflow_proc = None
+                mlflow_ui = None
 
         print("\n" + "=" * 72)
         print(f"radsynth is up ({time.monotonic() - started:.0f} s):")
         print(f"  web app        http://{web.host}:{web.port}/")
         print(f"  Triton gRPC    {serve.host}:{serve.grpc_port}   HTTP http://{serve.host}:{serve.http_port}   "
               f"metrics http://{serve.host}:{serve.metrics_port}/metrics")
-        if mlflow_proc is not None:
+        if mlflow_ui is not None:
             print(f"  MLflow UI      http://127.0.0.1:{MLFLOW_UI_PORT}/")
         print(f"  try:           radsynth generate --condition <NAME> -n 4 --seed 7 --out artifacts/demo/samples")
-        print("Press Ctrl-C to stop everything.")
+        print("Press Ctrl-C to stop everything. A service that exits is started again.")
         print("=" * 72, flush=True)
-        while True:
-            for name, proc in demo.children:
-                if proc.poll() is not None:
-                    raise RadsynthError(f"{name} exited with status {proc.returncode}; see {logs}")
-            time.sleep(1)
+        demo.supervise(services)
     except KeyboardInterrupt:
         print("\nCtrl-C: stopping", flush=True)
         return 0

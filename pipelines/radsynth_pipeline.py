@@ -26,6 +26,7 @@ PIPELINE_NAME = "radsynth-pipeline"
 STEPS = ("ingest", "preprocess", "validate", "train", "evaluate", "export", "encoder", "register", "synthesize")
 MLFLOW_ENV = "MLFLOW_TRACKING_URI"
 SALT_KEY = "RADSYNTH_SALT"   # key in the pipeline.salt_secret Secret
+SIGNING_KEY = "RADSYNTH_SIGNING_KEY"   # key in the pipeline.signing_secret Secret (register step only)
 
 
 def component(step: str, image: str | None = None) -> Any:
@@ -65,6 +66,9 @@ def _limits(task: dsl.PipelineTask, cpu: str, memory: str, cfg: PipelineConfig) 
 def _tracking(task: dsl.PipelineTask, cfg: PipelineConfig) -> None:
     if cfg.mlflow_uri:
         task.set_env_variable(MLFLOW_ENV, cfg.mlflow_uri)
+    if cfg.mlflow_auth_secret:  # MLflow runs behind authentication on a cluster
+        kubernetes.use_secret_as_env(task, secret_name=cfg.mlflow_auth_secret, secret_key_to_env={
+            "username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"})
 
 
 def _train_resources(task: dsl.PipelineTask, cfg: PipelineConfig) -> None:
@@ -150,8 +154,14 @@ def build_pipeline(params: Params) -> Callable:
             register.after(encoder)  # promotion moves the encoder's champion with the generator's
             _limits(register, cfg.step_cpu, cfg.step_memory, cfg)
             _tracking(register, cfg)
+            if cfg.signing_secret:  # the promotion is signed here, and only here (radsynth/signing.py)
+                kubernetes.use_secret_as_env(register, secret_name=cfg.signing_secret,
+                                             secret_key_to_env={SIGNING_KEY: params.signing.key_env})
             synthesize = synthesize_c(version=register.outputs["Output"], **common)
             _limits(synthesize, cfg.step_cpu, cfg.step_memory, cfg)
             _tracking(synthesize, cfg)
+            if cfg.signing_public_configmap:  # its private Triton verifies the signature with the public key only
+                kubernetes.use_config_map_as_env(synthesize, config_map_name=cfg.signing_public_configmap,
+                                                 config_map_key_to_env={"public_key": params.signing.public_key_env})
 
     return radsynth_pipeline

@@ -70,10 +70,13 @@ class DataConfig:
     min_class_fraction: float = 0.05           # validation: class-balance lower bound
     max_class_fraction: float = 0.9            # validation: class-balance upper bound
     folder_patient_regex: str = ""             # source=folders: patient key from the file stem (group 1); "": one patient per image
-    max_image_pixels: int = 67108864           # PNG/JPEG decompression-bomb cap (width x height)
-    pixel_mean_min: float = 0.05               # validation: every image's mean intensity in [0, 1] at least this
-    pixel_mean_max: float = 0.95               # validation: ... and at most this
-    pixel_std_min: float = 0.02                # validation: every image's std at least this (no blank images)
+    max_image_pixels: int = 67108864           # decoded width x height cap, DICOM (Rows x Columns, codestream) and PNG/JPEG
+    max_file_bytes: int = 268435456            # largest file read (a bigger one is quarantined unread)
+    record_timeout_s: float = 120.0            # one record's decode may take this long; then its worker is killed
+    pixel_mean_min: float = 0.05               # quality: an image whose mean intensity in [0, 1] is below is quarantined (near_black)
+    pixel_mean_max: float = 0.95               # ... above: quarantined (near_white)
+    pixel_std_min: float = 0.02                # ... whose std is below: quarantined (blank)
+    max_quality_fraction: float = 0.05         # validate: share of images quarantined for quality at most this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,6 +298,13 @@ class WebConfig:
     store_uploads: bool = False                # never write uploads to disk unless true
     upload_dir: str = "artifacts/web/uploads"  # where they go when store_uploads is true
     secret_key_env: str = "RADSYNTH_WEB_SECRET"  # env var with the session/CSRF signing key
+    max_inflated_bytes: int = 0                # cap on a Deflated DICOM upload's inflated body; 0: 2 x max_pixels + 1 MiB
+    expected_modalities: tuple[str, ...] = ("DX", "CR")  # DICOM Modality of the training data (others: off-domain)
+    expected_body_parts: tuple[str, ...] = ("CHEST",)  # BodyPartExamined of the training data
+    off_domain: str = "warn"                   # an off-domain DICOM upload: warn (on the page) | refuse (422)
+    registry_timeout_s: float = 2.0            # each MLflow call from the web process (no retries)
+    health_timeout_s: float = 0.5              # /healthz's readiness call to Triton (answers within 1 s)
+    request_deadline_s: float = 30.0           # a whole request's Triton calls together (below gunicorn's timeout_s)
     encoder_steps: int = 2000                  # encoder training steps (G frozen)
     encoder_batch: int = 32                    # encoder training batch size
     encoder_lr: float = 0.001                  # Adam learning rate
@@ -319,6 +329,17 @@ class SynthesizeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SigningConfig:
+    """`signing:` promotion signatures (owner: radsynth/signing.py; signed at promote, checked by serve)."""
+
+    required: bool = True                      # serve refuses a registry version without a valid signature
+    key_env: str = "RADSYNTH_SIGNING_KEY"      # private key (base64), from a Secret only the register step mounts
+    key_file: str = ".radsynth-signing-key"    # else this git-ignored file (created on the first local promotion)
+    public_key_env: str = "RADSYNTH_VERIFY_KEY"  # public key (base64) where serving verifies (Triton's init container)
+    public_key_file: str = ""                  # else this file; "": derived from key_file on this machine
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """`pipeline:` Kubeflow image, resources, DVC wiring (owner: pipelines/)."""
 
@@ -332,6 +353,9 @@ class PipelineConfig:
     data_pvc: str = ""                         # PVC holding the DVC-pulled export; "" -> no mount
     data_mount: str = "/mnt/data"              # where data_pvc is mounted in every task
     salt_secret: str = ""                      # Secret whose key RADSYNTH_SALT feeds ingest's salt ("" -> none)
+    signing_secret: str = ""                   # Secret whose key RADSYNTH_SIGNING_KEY only the register step mounts ("" -> none)
+    mlflow_auth_secret: str = ""               # Secret with MLflow username/password for tracking tasks ("" -> none)
+    signing_public_configmap: str = ""         # ConfigMap (key public_key) with the verifying key, for tasks that serve ("" -> none)
     train_gpus: int = 0                        # GPUs per training-stage task; 0 -> CPU only
     gpu_resource: str = "nvidia.com/gpu"       # accelerator resource name
     gpu_node_selector: str = ""                # "label=value" that training nodes carry ("" -> any)
@@ -383,6 +407,7 @@ class Params:
 
     web: WebConfig = WebConfig()
 
+    signing: SigningConfig = SigningConfig()
     synthesize: SynthesizeConfig = SynthesizeConfig()
 
     pipeline: PipelineConfig = PipelineConfig()

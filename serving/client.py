@@ -21,7 +21,10 @@ Python use::
 Errors (all :class:`ClientError`, a ``RadsynthError``): :class:`ServerUnavailableError`,
 :class:`ModelNotReadyError`, :class:`UnknownConditionError`, :class:`TooManyImagesError`,
 :class:`InvalidInputError`. Transient failures (unavailable, deadline exceeded, overload)
-are retried with exponential backoff first.
+are retried with exponential backoff first. Every call carries a timeout (``timeout_s``); with
+``model_version`` set, inference is pinned to that version and a response from another version
+is an error. Triton's model-config and statistics APIs are restricted (``radsynth serve``): the
+client sends the read key (``headers``; default ``$RADSYNTH_TRITON_READ_KEY``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ from radsynth.errors import RadsynthError
 from radsynth.latent import new_seed, z_from_seed
 
 DEFAULT_MODEL = "radsynth-generator"
+READ_KEY_ENV = "RADSYNTH_TRITON_READ_KEY"     # key for Triton's restricted model-config / statistics APIs
+READ_KEY_HEADER = "radsynth-read-key"
+ADMIN_KEY_ENV = "RADSYNTH_TRITON_ADMIN_KEY"   # key for the repository index (and other admin APIs), when this process has it
+ADMIN_KEY_HEADER = "radsynth-admin-key"
+GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"  # Triton expects restricted-protocol headers under this prefix on gRPC
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 _TRANSIENT = {
     "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED",
@@ -119,6 +127,8 @@ def _is_transient(exc: Exception) -> bool:
         return True
     status = _status(exc)
     text = _message(exc).lower()
+    if "restricted" in text:  # a missing/wrong key: retrying cannot help
+        return False
     return status in _TRANSIENT or "failed to connect" in text or "connection refused" in text
 
 
@@ -155,6 +165,7 @@ class Client:
             size (capped by the model's max batch); :meth:`infer` refuses more.
         max_in_flight: requests in flight while a large ``n`` is generated; 0: two per model
             instance in the served config (one computing, one queued behind it).
+        headers: sent with every request; default the read key from ``$RADSYNTH_TRITON_READ_KEY``.
     """
 
     def __init__(
@@ -168,6 +179,7 @@ class Client:
         backoff_s: float = 0.2,
         max_images_per_call: int = 64,
         max_in_flight: int = 0,
+        headers: dict[str, str] | None = None,
     ):
         if protocol not in DEFAULT_PORTS:
             raise ClientError(f"protocol {protocol!r}: use grpc or http")
@@ -180,6 +192,18 @@ class Client:
         self.backoff_s = float(backoff_s)
         self.max_images_per_call = int(max_images_per_call)
         self.max_in_flight = max(int(max_in_flight), 0)
+        import os
+
+        if headers is None:
+            key = os.environ.get(READ_KEY_ENV, "")
+            headers = {READ_KEY_HEADER: key} if key else {}
+        admin = os.environ.get(ADMIN_KEY_ENV, "")
+        if admin and ADMIN_KEY_HEADER not in headers:
+            headers = {**headers, ADMIN_KEY_HEADER: admin}
+        if protocol == "grpc":
+            restricted = (READ_KEY_HEADER, ADMIN_KEY_HEADER)
+            headers = {(GRPC_RESTRICTED_PREFIX + k if k in restricted else k): v for k, v in headers.items()}
+        self.headers = dict(headers)
         if protocol == "grpc":
             import tritonclient.grpc as tc
         else:
@@ -195,18 +219,26 @@ class Client:
 
     @classmethod
     def from_config(cls, cfg: Any, url: str | None = None, protocol: str | None = None) -> "Client":
-        """A client from ``params.serve`` (a ``ServeConfig``; only its attributes are read)."""
+        """A client from ``params.serve`` (a ``ServeConfig``; only its attributes are read); the read
+        key comes from ``$RADSYNTH_TRITON_READ_KEY`` or the key file ``radsynth serve`` wrote."""
+        from serving.server import read_key
+
         protocol = protocol or cfg.protocol
         if not url:
             host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
             url = cfg.url or f"{host}:{cfg.grpc_port if protocol == 'grpc' else cfg.http_port}"
+        key = read_key(cfg)
         return cls(url, protocol, cfg.model_name, "", cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.max_images_per_call,
-                   cfg.max_in_flight)
+                   cfg.max_in_flight, headers={READ_KEY_HEADER: key} if key else {})
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def _timeout_kw(self) -> dict[str, float]:
-        return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+    def _timeout_kw(self) -> dict[str, Any]:
+        """Per-call keywords: the timeout (gRPC; HTTP has it on the connection) and the headers."""
+        kw: dict[str, Any] = {"headers": self.headers} if self.headers else {}
+        if self.protocol == "grpc":
+            kw["client_timeout"] = self.timeout_s
+        return kw
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` with retries on transient errors; map the final failure to a ClientError."""
@@ -233,11 +265,14 @@ class Client:
             return InvalidInputError(f"{self.model_name}: the server refused {what}: {text}")
         if "unknown model" in text.lower() or "not found" in text.lower() or "is not ready" in text.lower() or "unavailable" in text.lower():
             return ModelNotReadyError(f"{self.model_name}: {text}; models on {self.url}: {self._index_summary()}")
+        if "restricted" in text.lower() or "unauthenticated" in text.lower() or "permission" in text.lower():
+            return ClientError(f"{self.model_name} at {self.url}: {what} is restricted on this server; set "
+                               f"${READ_KEY_ENV} to the key `radsynth serve` wrote beside its model repository")
         return ClientError(f"{self.model_name} at {self.url}: {what} failed: {text}")
 
     def _index_summary(self) -> str:
         try:
-            index = self._client.get_model_repository_index(**({"as_json": True} if self.protocol == "grpc" else {}))
+            index = self._client.get_model_repository_index(**({"as_json": True, **self._timeout_kw()} if self.protocol == "grpc" else {}))
             models = index.get("models", []) if isinstance(index, dict) else index
             return ", ".join(f"{m.get('name')} v{m.get('version', '?')} {m.get('state', '?')}" for m in models) or "none"
         except Exception:  # the index is a hint only
@@ -268,7 +303,20 @@ class Client:
             )
         if self.protocol == "grpc":
             return self._call("the model config", lambda: self._client.get_model_config(model_name, model_version, as_json=True, **self._timeout_kw()))["config"]
-        return self._call("the model config", lambda: self._client.get_model_config(model_name, model_version))
+        return self._call("the model config", lambda: self._client.get_model_config(model_name, model_version, **self._timeout_kw()))
+
+    def is_ready(self, model_name: str | None = None, model_version: str | None = None, timeout_s: float | None = None) -> bool:
+        """Whether ``model_name`` (default this client's model, at ``model_version``) is ready now:
+        one attempt, no retries, within ``timeout_s`` (default the client's); False on any error."""
+        name = model_name or self.model_name
+        version = self.model_version if model_version is None else str(model_version)
+        kw = {"headers": self.headers} if self.headers else {}
+        if self.protocol == "grpc":
+            kw["client_timeout"] = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            return bool(self._client.is_model_ready(name, version, **kw))
+        except Exception:  # unreachable, timed out, unknown model: not ready
+            return False
 
     def model_parameters(self, model_name: str) -> dict[str, str]:
         """Config parameters of any served model (e.g. the encoder's ``z_dim``).
@@ -346,7 +394,18 @@ class Client:
             "an inference request",
             lambda: self._client.infer(self.model_name, [z_in, c_in], model_version=self.model_version, outputs=out, **self._timeout_kw()),
         )
+        self._check_version(result)
         return result.as_numpy("image")  # [N, C, H, W]
+
+    def _check_version(self, result: Any) -> None:
+        """With a pinned ``model_version``, the response must come from that version."""
+        if not self.model_version:
+            return
+        response = result.get_response()
+        answered = str(response.get("model_version", "") if isinstance(response, dict) else getattr(response, "model_version", ""))
+        if answered != self.model_version:
+            raise ClientError(f"{self.model_name}: asked for version {self.model_version}, the server answered with "
+                              f"version {answered or 'unknown'}; refresh the model info")
 
     def run(self, model_name: str, inputs: dict[str, np.ndarray], outputs: Sequence[str], model_version: str = "") -> dict[str, np.ndarray]:
         """Call any served model (e.g. ``radsynth-classifier``: ``{"image": [N, C, H, W]}`` -> ``logits``)
@@ -457,7 +516,7 @@ class Client:
         if self.protocol == "grpc":
             stats = self._call("statistics", lambda: self._client.get_inference_statistics(self.model_name, as_json=True, **self._timeout_kw()))
         else:
-            stats = self._call("statistics", lambda: self._client.get_inference_statistics(self.model_name))
+            stats = self._call("statistics", lambda: self._client.get_inference_statistics(self.model_name, **self._timeout_kw()))
         total = {"inference_count": 0, "execution_count": 0}
         for entry in stats.get("model_stats", []):
             for key in total:

@@ -49,10 +49,29 @@ class DeployError(RadsynthError):
     """The new version was not deployed; the message says why and what is still served."""
 
 
-def _grpc(url: str):
+class _AdminClient:
+    """A tritonclient gRPC client that sends the admin key with the model-repository calls
+    (``serving.server.restricted_api_flags``: load, unload and the repository index need it)."""
+
+    ADMIN_CALLS = frozenset(("get_model_repository_index", "load_model", "unload_model"))
+
+    def __init__(self, client, key: str):
+        from serving.client import GRPC_RESTRICTED_PREFIX
+        from serving.server import ADMIN_KEY_HEADER
+
+        self._client, self._headers = client, {GRPC_RESTRICTED_PREFIX + ADMIN_KEY_HEADER: key} if key else None
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if name in self.ADMIN_CALLS and self._headers:
+            return lambda *args, **kwargs: attr(*args, headers=self._headers, **kwargs)
+        return attr
+
+
+def _grpc(url: str, key: str = ""):
     import tritonclient.grpc as grpcclient
 
-    return grpcclient.InferenceServerClient(url)
+    return _AdminClient(grpcclient.InferenceServerClient(url), key)
 
 
 def _message(exc: Exception) -> str:
@@ -163,7 +182,13 @@ def deploy(params: Params, url: str | None = None, repository: str | Path | None
     if not url:
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
         url = cfg.url if cfg.url and cfg.protocol == "grpc" else f"{host}:{cfg.grpc_port}"
-    triton = _grpc(url)
+    from serving.server import ADMIN_KEY_ENV, admin_key, admin_key_file
+
+    key = admin_key(cfg)
+    if not key:
+        raise DeployError(f"no Triton admin key (loading and unloading models needs it): set ${ADMIN_KEY_ENV}, or run "
+                          f"deploy as the user whose `radsynth serve` wrote {admin_key_file(cfg)}")
+    triton = _grpc(url, key)
     try:
         live_server = triton.is_server_live()
     except Exception as exc:  # tritonclient raises its own type for a refused connection
@@ -172,6 +197,11 @@ def deploy(params: Params, url: str | None = None, repository: str | Path | None
         why = "it answers but is not live"
     if not live_server:
         raise DeployError(f"Triton at {url} cannot be reached ({why}); start it with `radsynth serve`")
+    try:
+        triton.get_model_repository_index()
+    except Exception as exc:  # Triton's restricted model-repository API: a wrong key is refused
+        raise DeployError(f"Triton at {url} refused the model-repository API ({_message(exc)}); the admin key "
+                          f"(${ADMIN_KEY_ENV} or {admin_key_file(cfg)}) is not this server's") from None
     changed, unchanged = {}, []
     with tempfile.TemporaryDirectory(prefix=".radsynth-deploy-", dir=live.parent) as tmp:
         fresh_params = dataclasses.replace(params, serve=dataclasses.replace(cfg, repository=str(Path(tmp) / "fresh")))

@@ -28,7 +28,9 @@ Layout::
 
 Each model comes from a local ONNX file (``serve.onnx``) or from the MLflow registry by alias
 (``serve.aliases``, default ``champion``); one numbered folder per registered version. The
-ONNX file's sha256 is checked against the registry's ``onnx_sha256`` tag before it is served.
+ONNX file's sha256 is checked against the registry's ``onnx_sha256`` tag before it is served,
+and (``signing.required``) the version's promotion signature against that file and the
+pipeline's public key (:mod:`radsynth.signing`).
 """
 
 from __future__ import annotations
@@ -227,6 +229,13 @@ def registry_source(params: Params, name: str, alias: str, download_dir: str | P
     digest = sha256_file(onnx_path)
     if digest != expected:  # resolve_alias checked it; checked again on the exact file that is copied
         raise RepositoryError(f"models:/{name}/{version}: model.onnx sha256 {digest[:12]}... differs from the registry's {expected[:12]}...")
+    if params.signing.required:  # the registry is not trusted: the promotion must be signed for this exact file
+        from radsynth.signing import SignatureError, load_public_key, verify
+
+        try:
+            verify(load_public_key(params.signing), name, version, digest, tags)
+        except SignatureError as exc:
+            raise RepositoryError(str(exc)) from None
     _, _, metadata = read_onnx(onnx_path)
     merged = {**metadata, **tags}
     return ModelSource(name, int(version), onnx_path, digest, f"models:/{name}@{alias} (v{version})", merged)

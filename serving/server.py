@@ -12,6 +12,19 @@ Python use::
     with TritonServer(params.serve, repository) as server:   # start() + wait_ready()
         print(server.grpc_url)
     # stop() on exit: SIGTERM, then SIGKILL after a grace period
+
+Exposure: the server binds ``serve.host`` (127.0.0.1 by default, also for metrics; 0.0.0.0 only
+in the Kubernetes manifests, behind a Service). Only Triton's inference, health and metadata
+APIs are open. Model config and statistics need the *read key* header (``radsynth-read-key``:
+``$RADSYNTH_TRITON_READ_KEY``, else ``triton-read.key`` beside the model repository, created
+once with mode 0600; radsynth's client sends it). Shared memory, model repository, trace and
+logging need an *admin key* that is random per start unless ``$RADSYNTH_TRITON_ADMIN_KEY`` is
+set; it is put in the environment of the process that started the server and written (mode
+0600, replaced at each start) to ``triton-admin.key`` beside the model repository, where
+``radsynth deploy`` (which loads and unloads models) reads it. No other user can register a
+shared-memory region, load or unload a model, or change the server's settings.
+(Triton takes the keys on its command line, so local users can read them with ``ps``: they
+gate APIs on a host you trust; on a cluster the pod is the boundary.)
 """
 
 from __future__ import annotations
@@ -36,6 +49,78 @@ from radsynth.errors import RadsynthError
 
 class ServerError(RadsynthError):
     """tritonserver could not be found, started, or did not become ready."""
+
+
+READ_KEY_ENV = "RADSYNTH_TRITON_READ_KEY"      # key of the model-config / statistics APIs (clients send it)
+ADMIN_KEY_ENV = "RADSYNTH_TRITON_ADMIN_KEY"    # key of shared-memory / repository / trace / logging (random if unset)
+READ_KEY_HEADER = "radsynth-read-key"
+ADMIN_KEY_HEADER = "radsynth-admin-key"
+READ_APIS = ("model-config", "statistics")
+ADMIN_APIS = ("shared-memory", "model-repository", "trace", "logging")
+OPEN_APIS = ("health", "metadata", "inference")
+
+
+def read_key_file(cfg: ServeConfig) -> Path:
+    """Where ``radsynth serve`` keeps the read key: beside the model repository."""
+    return Path(cfg.repository).resolve().parent / "triton-read.key"
+
+
+def admin_key_file(cfg: ServeConfig) -> Path:
+    """Where ``radsynth serve`` writes the admin key of the running server (for ``radsynth deploy``)."""
+    return Path(cfg.repository).resolve().parent / "triton-admin.key"
+
+
+def admin_key(cfg: ServeConfig) -> str:
+    """The admin key: ``$RADSYNTH_TRITON_ADMIN_KEY``, else the running server's key file; "" if none."""
+    key = os.environ.get(ADMIN_KEY_ENV, "").strip()
+    if key:
+        return key
+    try:
+        return admin_key_file(cfg).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 from the first byte, replacing it atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+    os.replace(tmp, path)
+
+
+def read_key(cfg: ServeConfig, create: bool = False) -> str:
+    """The read key: ``$RADSYNTH_TRITON_READ_KEY``, else the key file (created 0600 when ``create``); "" if none."""
+    key = os.environ.get(READ_KEY_ENV, "").strip()
+    if key:
+        return key
+    path = read_key_file(cfg)
+    if not path.is_file() and create:
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(24) + "\n")
+        except FileExistsError:
+            pass
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def restricted_api_flags(read: str, admin: str) -> list[str]:
+    """tritonserver flags that leave only inference, health and metadata open (gRPC and HTTP)."""
+    flags = []
+    for apis, header, key in ((READ_APIS, READ_KEY_HEADER, read), (ADMIN_APIS, ADMIN_KEY_HEADER, admin)):
+        flags.append(f"--grpc-restricted-protocol={','.join(apis)}:{header}={key}")
+        flags.append(f"--http-restricted-api={','.join(apis)}:{header}={key}")
+    return flags
 
 
 def find_tritonserver() -> tuple[Path, Path | None]:
@@ -141,6 +226,17 @@ class TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="radsynth-triton-"))
         self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
         self.process: subprocess.Popen | None = None
+        import secrets
+
+        self.read_key = read_key(cfg, create=True)
+        self._admin_key = os.environ.get(ADMIN_KEY_ENV, "").strip()
+        if not self._admin_key:
+            self._admin_key = secrets.token_urlsafe(24)
+            _write_private(admin_key_file(cfg), self._admin_key)  # for `radsynth deploy` as the same user
+        # Clients of the process that started the server (tests, benchmarks, `radsynth serve` itself)
+        # send both keys.
+        os.environ.setdefault(READ_KEY_ENV, self.read_key)
+        os.environ.setdefault(ADMIN_KEY_ENV, self._admin_key)
 
     @property
     def _client_host(self) -> str:
@@ -170,6 +266,7 @@ class TritonServer:
             f"--metrics-address={self.cfg.host}", f"--metrics-port={self.cfg.metrics_port}",
             "--exit-on-error=true", "--strict-readiness=true", "--disable-auto-complete-config",
             f"--log-verbose={self.cfg.log_verbose}",
+            *restricted_api_flags(self.read_key, self._admin_key),
             *model_control_flags(self.cfg),
         ]
         if dist is not None:

@@ -14,6 +14,12 @@ SAMPLE = ROOT / "data"
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+# A fixed promotion-signing pair for the whole suite (radsynth/signing.py): promote signs and serve
+# verifies with it, in this process and in every step it starts; no key file is written.
+TEST_SIGNING_KEY = "OvfW3sbt/ZvCPXR6rRFtTmSV1moXaeKOR8TKOhsuWbo="
+TEST_VERIFY_KEY = "kMNyG8ANmga0oEkuI6Ww5TuczCvRDIKWnSkzYJ9OABo="
+os.environ.setdefault("RADSYNTH_SIGNING_KEY", TEST_SIGNING_KEY)
+os.environ.setdefault("RADSYNTH_VERIFY_KEY", TEST_VERIFY_KEY)
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ from serving.web import card as model_card
 from serving.web import generation, metrics_view
 from serving.web.backend import Backend, ModelInfo, ServiceUnavailable, TritonBackend
 from serving.web.study import create_blueprint as study_blueprint
-from serving.web.uploads import Reference, UploadError, read_upload
+from serving.web.uploads import Domain, Reference, UploadError, read_upload
 
 log = logging.getLogger(__name__)
 FORM_OVERHEAD = 1 << 20                        # room for the other fields beside the file
@@ -146,6 +146,12 @@ def create_app(params: Params, backend: Backend | None = None, cards: Any = None
     app.jinja_env.globals.update(csrf_token=csrf_token, research_notice=RESEARCH_NOTICE, display_name=params.display_name,
                                  zoom=generation.zoom)
 
+    @app.before_request
+    def request_deadline():  # every Triton call of this request shares one deadline (web.request_deadline_s)
+        begin = getattr(ext("backend"), "begin_request", None)
+        if begin is not None:
+            begin(cfg.request_deadline_s)
+
     @app.after_request
     def security_headers(resp):
         resp.headers.setdefault(
@@ -196,7 +202,7 @@ def create_app(params: Params, backend: Backend | None = None, cards: Any = None
     def pack_reference(ref: Reference) -> str:
         return ext("signer").dumps({
             "kind": ref.kind, "w": ref.width, "h": ref.height, "shape": list(ref.image.shape),
-            "pixels": base64.b64encode(ref.image.tobytes()).decode("ascii"),
+            "pixels": base64.b64encode(ref.image.tobytes()).decode("ascii"), "warnings": list(ref.warnings),
         })
 
     def unpack_reference(token: str, info: ModelInfo) -> Reference:
@@ -208,7 +214,8 @@ def create_app(params: Params, backend: Backend | None = None, cards: Any = None
             raise FormError("The reference image on this page could not be verified. Upload it again.", 400) from None
         if shape != (info.img_channels, info.img_resolution, info.img_resolution):
             raise FormError("The served model changed since this page was made. Upload the image again.", 409)
-        return Reference(kind=str(data["kind"]), width=int(data["w"]), height=int(data["h"]), image=image.copy())
+        return Reference(kind=str(data["kind"]), width=int(data["w"]), height=int(data["h"]), image=image.copy(),
+                         warnings=tuple(str(w) for w in data.get("warnings", ())))
 
     def store(ref: Reference) -> None:
         if not cfg.store_uploads:
@@ -283,7 +290,8 @@ def create_app(params: Params, backend: Backend | None = None, cards: Any = None
             if upload is not None and upload.filename:
                 data = upload.read()
                 ref = read_upload(data, max_bytes=cfg.max_upload_bytes, max_pixels=cfg.max_pixels,
-                                  resolution=info.img_resolution, channels=info.img_channels)
+                                  resolution=info.img_resolution, channels=info.img_channels,
+                                  domain=Domain.from_config(cfg), max_inflated_bytes=cfg.max_inflated_bytes)
                 del data
                 store(ref)
         except (FormError, UploadError) as exc:
@@ -373,9 +381,10 @@ def create_app(params: Params, backend: Backend | None = None, cards: Any = None
         return send_file(io.BytesIO(found.grid_png), mimetype="image/png", download_name="model_card_grid.png")
 
     @app.get("/healthz")
-    def healthz():
+    def healthz():  # never waits on the registry; Triton's readiness with web.health_timeout_s
+        backend = ext("backend")
         try:
-            info = ext("backend").model_info()
+            info = backend.health() if hasattr(backend, "health") else backend.model_info()
         except ServiceUnavailable as exc:
             return {"ready": False, "reason": str(exc)}, 503
         return {"ready": True, "model": info.name, "version": info.version, "classes": list(info.classes)}

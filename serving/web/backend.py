@@ -6,9 +6,21 @@ tags from the MLflow registry (``models:/<name>@<alias>``). :class:`TritonBacken
 implementation; the app takes any object with the same methods, so tests hand it a
 backend pointed at a real tritonserver.
 
-Failures that mean "try again later" (server down, model not loaded, timeouts) raise
-:class:`ServiceUnavailable`, which the app turns into a 503 page with a retry button.
-Registry trouble is not fatal: the page shows the model facts as unavailable and says why.
+How it behaves when a dependency is slow or gone:
+
+- **Triton** is asked whether the generator is ready on every request (one loopback RPC with
+  ``web.health_timeout_s``): down means :class:`ServiceUnavailable` at once, which the app turns
+  into a 503 page with a retry button, and back means 200 on the next request. Every Triton
+  call has a timeout, and all calls of one request share one deadline (``web.request_deadline_s``,
+  started by :meth:`TritonBackend.begin_request`).
+- **Generation is pinned** to the version the page names: the generator is called with that
+  Triton model version and the response's version is checked (``serving.client``), so after a
+  promotion the page, the audit log and the DICOM files cannot name a version other than the one
+  that made the pixels; a version no longer served is a 503 and the next request re-reads it.
+- **MLflow** is read by one background refresh at a time (``web.model_info_ttl_s``), with short
+  timeouts and no retries (``web.registry_timeout_s``). The page shows the facts it has, stale
+  ones included, while a refresh runs or after one fails (the note says how old they are and
+  why); no request waits on the registry for more than a second, and ``/healthz`` never does.
 """
 
 from __future__ import annotations
@@ -16,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import os
 import threading
 import time
 from typing import Protocol
@@ -27,6 +41,7 @@ from radsynth.config import Params
 from radsynth.errors import RadsynthError
 
 log = logging.getLogger(__name__)
+FIRST_REGISTRY_WAIT_S = 1.0                    # the most a request waits for the very first registry read
 
 
 class ServiceUnavailable(RadsynthError):
@@ -48,7 +63,7 @@ class ModelInfo:
     metrics: dict[str, float]                  # run metrics keyed by radsynth.metric_keys
     unavailable: dict[str, str]                # metric key -> reason it was not computed
     tags: dict[str, str]                       # model-version tags (gate, variant, commit, ...)
-    registry_note: str | None                  # why registry facts are missing, if they are
+    registry_note: str | None                  # why registry facts are missing or stale, if they are
     encoder_ready: bool                        # the image -> z encoder is served
     classifier_ready: bool                     # the domain classifier is served
 
@@ -63,6 +78,28 @@ class Backend(Protocol):
     def classify(self, images: np.ndarray) -> np.ndarray: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class RegistryFacts:
+    """One read of ``web.model_name@web.model_alias`` from the registry."""
+
+    version: str | None
+    metrics: dict[str, float]
+    unavailable: dict[str, str]
+    tags: dict[str, str]
+    note: str | None                           # why facts are missing (None: read fine)
+    at: float                                  # time.monotonic() of the read
+
+
+def limit_mlflow_http(timeout_s: float) -> None:
+    """Short timeouts and no retries for every MLflow REST call of this process (the web app).
+
+    MLflow's defaults (7 retries with backoff, 120 s timeout) would hold a thread for minutes per
+    call when the tracking server is down; its client reads these variables at call time.
+    """
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(timeout_s)))
+
+
 def registry_facts(params: Params) -> tuple[str | None, dict[str, float], dict[str, str], dict[str, str], str | None]:
     """Version, metrics, unavailable reasons and tags of ``web.model_name@web.model_alias``.
 
@@ -72,8 +109,6 @@ def registry_facts(params: Params) -> tuple[str | None, dict[str, float], dict[s
     """
     cfg = params.web
     try:
-        import os
-
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or params.paths.mlflow_uri
@@ -117,12 +152,27 @@ def _unavailable_from_artifact(client, run_id: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Served:
+    """What Triton says about the generator (and whether encoder / classifier are served)."""
+
+    name: str
+    version: str
+    classes: tuple[str, ...]
+    z_dim: int
+    img_resolution: int
+    img_channels: int
+    encoder_ready: bool
+    classifier_ready: bool
+    at: float
+
+
 class TritonBackend:
     """Generator, encoder and classifier on a running Triton, over gRPC; facts from MLflow.
 
-    Every call goes through :class:`serving.client.Client` (one per thread: retries,
-    timeouts, error mapping): the generator with ``infer``, the encoder and classifier,
-    which take images rather than ``(z, class)``, with ``run``.
+    Every call goes through :class:`serving.client.Client` (one per thread: timeouts, error
+    mapping): the generator with ``infer`` (pinned to the page's version), the encoder and
+    classifier, which take images rather than ``(z, class)``, with ``run``.
 
     Args:
         params: the resolved config (``web`` section and ``paths.mlflow_uri``).
@@ -132,19 +182,44 @@ class TritonBackend:
         self.params = params
         self.cfg = params.web
         self._local = threading.local()
-        self._lock = threading.Lock()
-        self._info: ModelInfo | None = None
-        self._info_at = 0.0
+        self._served_lock = threading.Lock()
+        self._served: _Served | None = None
+        self._registry_lock = threading.Lock()
+        self._registry: RegistryFacts | None = None
+        self._registry_good: RegistryFacts | None = None  # the last read that succeeded
+        self._refreshing: threading.Thread | None = None
+        self._first_read = threading.Event()
+        limit_mlflow_http(self.cfg.registry_timeout_s)
+
+    # -- per request -------------------------------------------------------------------
+    def begin_request(self, deadline_s: float) -> None:
+        """Start this thread's request deadline: every Triton call until the next one shares it."""
+        self._local.deadline = time.monotonic() + deadline_s
+        self._local.version = None
+
+    def _budget(self, cap: float) -> float:
+        deadline = getattr(self._local, "deadline", None)
+        if deadline is None:
+            return cap
+        left = deadline - time.monotonic()
+        if left <= 0.05:
+            raise ServiceUnavailable(f"the request took longer than its {self.cfg.request_deadline_s:g} s deadline "
+                                     "(web.request_deadline_s); the image server is slow or overloaded")
+        return min(cap, left)
 
     # -- transport ---------------------------------------------------------------------
-    def _generator(self):
-        client = getattr(self._local, "generator", None)
+    def _client(self):
+        client = getattr(self._local, "client", None)
         if client is None:
-            from serving.client import Client
+            from serving.client import READ_KEY_HEADER, Client
+            from serving.server import read_key
 
+            key = read_key(self.params.serve)  # $RADSYNTH_TRITON_READ_KEY or the file `radsynth serve` wrote
             client = Client(self.cfg.triton_url, "grpc", self.cfg.model_name, "", timeout_s=self.cfg.triton_timeout_s,
-                            retries=1, backoff_s=0.1, max_images_per_call=max(64, 2 * self.cfg.max_images))
-            self._local.generator = client
+                            retries=0, backoff_s=0.1, max_images_per_call=max(64, 2 * self.cfg.max_images),
+                            headers={READ_KEY_HEADER: key} if key else {})
+            self._local.client = client
+        client.timeout_s = self._budget(self.cfg.triton_timeout_s)
         return client
 
     def _unavailable(self, what: str, exc: BaseException) -> ServiceUnavailable:
@@ -162,7 +237,7 @@ class TritonBackend:
         from serving.client import ClientError
 
         try:
-            return self._generator().run(model, inputs, [output])[output]
+            return self._client().run(model, inputs, [output])[output]
         except ClientError as exc:
             raise self._unavailable(f"model {model}", exc) from None
 
@@ -171,7 +246,7 @@ class TritonBackend:
         from serving.client import ClientError
 
         try:
-            parameters = self._generator().model_parameters(model)
+            parameters = self._client().model_parameters(model)
         except ClientError:  # absent or unreachable: the page says the feature is unavailable
             return False
         for key, value in expect.items():
@@ -180,60 +255,148 @@ class TritonBackend:
                 return False
         return True
 
-    # -- facts -------------------------------------------------------------------------
-    def model_info(self) -> ModelInfo:
-        """Served version, classes and shapes from Triton; metrics from the registry (cached).
+    # -- Triton facts ------------------------------------------------------------------
+    def _check_ready(self, timeout_s: float) -> None:
+        """Raise :class:`ServiceUnavailable` unless the generator (at the known version) is ready now."""
+        client = self._client()
+        served = self._served
+        version = served.version if served is not None else ""
+        if not client.is_ready(self.cfg.model_name, version, timeout_s=min(timeout_s, client.timeout_s)):
+            self._served = None  # re-read the config when it is back (it may be another version)
+            if served is not None and client.is_ready(self.cfg.model_name, "", timeout_s=min(timeout_s, client.timeout_s)):
+                raise ServiceUnavailable(f"the image server no longer serves version {served.version} of "
+                                         f"{self.cfg.model_name}; reload the page to use the version it serves now")
+            self._drop_client()  # a fresh channel next time: gRPC's reconnect backoff would add seconds after a restart
+            raise ServiceUnavailable(f"the image server at {self.cfg.triton_url} is not reachable "
+                                     f"or {self.cfg.model_name} is not ready")
 
-        Raises:
-            ServiceUnavailable: Triton is down or the generator is not ready.
-        """
+    def _drop_client(self) -> None:
+        client = getattr(self._local, "client", None)
+        self._local.client = None
+        if client is not None:
+            client.close()
+
+    def _served_facts(self) -> _Served:
+        """Triton's facts, re-read after ``web.model_info_ttl_s`` by one thread while others use the old ones."""
         from serving.client import ClientError
 
-        with self._lock:
-            if self._info is not None and time.monotonic() - self._info_at < self.cfg.model_info_ttl_s:
-                return self._info
+        served = self._served
+        fresh = served is not None and time.monotonic() - served.at < self.cfg.model_info_ttl_s
+        if fresh:
+            return served
+        if not self._served_lock.acquire(blocking=served is None):
+            return served  # another thread is re-reading; these are at most one TTL old
         try:
-            served = self._generator().refresh()
-        except ClientError as exc:
-            raise self._unavailable(f"the generator {self.cfg.model_name}", exc) from None
-        reg_version, metrics, unavailable, tags, note = registry_facts(self.params)
+            if self._served is not None and time.monotonic() - self._served.at < self.cfg.model_info_ttl_s:
+                return self._served
+            client = self._client()
+            client.model_version = ""  # the newest version the server serves
+            try:
+                info = client.refresh()
+            except ClientError as exc:
+                self._served = None
+                raise self._unavailable(f"the generator {self.cfg.model_name}", exc) from None
+            dims = {"z_dim": info.z_dim, "img_resolution": info.img_resolution, "img_channels": info.img_channels}
+            self._served = _Served(
+                name=info.name, version=info.version, classes=tuple(info.classes), z_dim=info.z_dim,
+                img_resolution=info.img_resolution, img_channels=info.img_channels,
+                encoder_ready=self._optional_ready(self.cfg.encoder_name, dims),
+                classifier_ready=self._optional_ready(self.cfg.classifier_name,
+                                                      {k: v for k, v in dims.items() if k != "z_dim"}),
+                at=time.monotonic())
+            return self._served
+        finally:
+            self._served_lock.release()
+
+    # -- registry facts ----------------------------------------------------------------
+    def _refresh_registry(self) -> None:
+        try:
+            version, metrics, unavailable, tags, note = registry_facts(self.params)
+            now = time.monotonic()
+            facts = RegistryFacts(version, metrics, unavailable, tags, note, now)
+            good = self._registry_good
+            if note is None:
+                self._registry_good = facts
+            elif good is not None:  # keep the last good read (through any number of failed refreshes), say it is stale
+                facts = dataclasses.replace(good, note=f"{note}; showing facts read {now - good.at:.0f} s ago",
+                                            at=now - self.cfg.model_info_ttl_s / 2)  # retry sooner
+            self._registry = facts
+        except Exception as exc:  # never let the refresher die silently
+            log.warning("registry refresh failed: %s", type(exc).__name__)
+        finally:
+            self._first_read.set()
+            with self._registry_lock:
+                self._refreshing = None
+
+    def _registry_facts(self, wait_s: float) -> RegistryFacts | None:
+        """The newest registry facts; starts one background refresh when they are stale or absent."""
+        facts = self._registry
+        stale = facts is None or time.monotonic() - facts.at >= self.cfg.model_info_ttl_s
+        if stale:
+            with self._registry_lock:
+                if self._refreshing is None:
+                    self._refreshing = threading.Thread(target=self._refresh_registry, name="radsynth-registry", daemon=True)
+                    self._refreshing.start()
+        if facts is None and wait_s > 0:
+            self._first_read.wait(wait_s)
+            facts = self._registry
+        return facts
+
+    def _info(self, served: _Served, facts: RegistryFacts | None) -> ModelInfo:
+        if facts is None:
+            reg_version, metrics, unavailable, tags = None, {}, {}, {}
+            note = (f"registry facts for {self.cfg.model_name}@{self.cfg.model_alias} are not loaded yet "
+                    "(the registry is slow or unreachable); they appear when it answers")
+        else:
+            reg_version, metrics, unavailable, tags, note = facts.version, facts.metrics, facts.unavailable, facts.tags, facts.note
         if reg_version and reg_version != served.version:
             note = (note + "; " if note else "") + (
                 f"the registry's {self.cfg.model_alias} is version {reg_version} but the image server serves "
                 f"version {served.version}; the page shows the served one, whose evaluation is not loaded"
             )
             metrics, unavailable, tags = {}, {}, {}
-        info = ModelInfo(
-            name=served.name,
-            version=served.version,
-            alias=self.cfg.model_alias,
-            registry_version=reg_version,
-            classes=tuple(served.classes),
-            z_dim=served.z_dim,
-            img_resolution=served.img_resolution,
-            img_channels=served.img_channels,
-            metrics=metrics,
-            unavailable=unavailable,
-            tags=tags,
-            registry_note=note,
-            encoder_ready=self._optional_ready(self.cfg.encoder_name, {
-                "z_dim": served.z_dim, "img_resolution": served.img_resolution, "img_channels": served.img_channels}),
-            classifier_ready=self._optional_ready(self.cfg.classifier_name, {
-                "img_resolution": served.img_resolution, "img_channels": served.img_channels}),
+        return ModelInfo(
+            name=served.name, version=served.version, alias=self.cfg.model_alias, registry_version=reg_version,
+            classes=served.classes, z_dim=served.z_dim, img_resolution=served.img_resolution,
+            img_channels=served.img_channels, metrics=metrics, unavailable=unavailable, tags=tags, registry_note=note,
+            encoder_ready=served.encoder_ready, classifier_ready=served.classifier_ready,
         )
-        with self._lock:
-            self._info, self._info_at = info, time.monotonic()
+
+    def model_info(self) -> ModelInfo:
+        """Served version, classes and shapes from Triton (checked ready now); registry facts as cached.
+
+        Raises:
+            ServiceUnavailable: Triton is down or the generator is not ready.
+        """
+        self._check_ready(self.cfg.health_timeout_s)
+        served = self._served_facts()
+        info = self._info(served, self._registry_facts(min(FIRST_REGISTRY_WAIT_S, self.cfg.registry_timeout_s)))
+        self._local.version = info.version
+        return info
+
+    def health(self) -> ModelInfo:
+        """As :meth:`model_info` but never waits on the registry, and all within 1 s (``/healthz``)."""
+        self.begin_request(min(1.0, self.cfg.request_deadline_s))
+        self._check_ready(self.cfg.health_timeout_s)
+        served = self._served_facts()
+        info = self._info(served, self._registry_facts(0.0))
         return info
 
     # -- inference ---------------------------------------------------------------------
     def generate(self, z: np.ndarray, classes: np.ndarray) -> np.ndarray:
-        """``G(z [N, z_dim], class [N]) -> float32 [N, C, H, W]`` in [-1, 1]."""
+        """``G(z [N, z_dim], class [N]) -> float32 [N, C, H, W]`` in [-1, 1], by the version the page names."""
         from serving.client import ClientError
 
+        client = self._client()
+        pinned = getattr(self._local, "version", None) or (self._served.version if self._served else "")
+        client.model_version = pinned
         try:
-            return self._generator().infer(z.astype(np.float32), classes.astype(np.int64))
+            return client.infer(z.astype(np.float32), classes.astype(np.int64))
         except ClientError as exc:
-            raise self._unavailable(f"the generator {self.cfg.model_name}", exc) from None
+            self._served = None  # the next request re-reads what is served
+            raise self._unavailable(f"version {pinned} of the generator {self.cfg.model_name}", exc) from None
+        finally:
+            client.model_version = ""
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """``E(image [N, C, R, R] in [-1, 1]) -> z [N, z_dim]``."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -301,7 +302,7 @@ def test_labels_rows_duplicated_or_conflicting(tmp_path):
     got = read_labels(labels, salt)
     assert got.by_study == {pseudonym(salt, "study", "A1"): "NORMAL", pseudonym(salt, "study", "A2"): "NORMAL"}
     assert got.conflicting == {pseudonym(salt, "study", "A2")}
-    assert sorted(q["reason"] for q in got.quarantine) == ["bad_label_row", "duplicate_label_row"]
+    assert sorted(q.reason for q in got.quarantine) == ["bad_label_row", "duplicate_label_row"]
 
 
 # --- folders of PNG/JPEG -----------------------------------------------------------------
@@ -367,11 +368,194 @@ def test_pseudonyms_are_salted_one_way_and_typed():
 
 def test_an_unexpected_decoder_failure_is_a_quarantine_entry_not_a_crash():
     from components import ingest as ingest_module
+    from radsynth.deid import Rejected
 
     def boom(task):
         raise KeyError("GZ0000124")  # the message may carry header values: it must not be echoed
 
-    ingest_module._init_worker({"salt": b"s" * 32})
+    params = load_params(ROOT / "params.yaml", profile="tiny")
+    ingest_module._init_worker(ingest_module.WorkerContext.from_config(params.data, b"s" * 32))
     res = ingest_module._guarded(boom, (0, "/x/GZ0000124/A1.dcm", "GZ0000124/A1.dcm"))
-    assert res["ok"] is False and res["reason"] == "unreadable" and res["kind"] == "file"
-    assert "GZ0000124" not in json.dumps(res)
+    assert isinstance(res, Rejected) and res.entry.reason == "unreadable" and res.entry.kind == "file"
+    assert "GZ0000124" not in json.dumps(res.entry.as_dict())
+
+
+# --- hostile files, crashes, hangs, quality outliers, salts -----------------------------
+
+
+def test_hostile_dicom_is_quarantined_by_reason_before_decoding_and_never_echoed(tmp_path, sample_export):
+    from tests.radsynth import hostile
+
+    dicom, studies = _mini_export(tmp_path, sample_export, n=4)
+    bad = dicom / "hostile"
+    bad.mkdir()
+    files = {
+        "bomb.dcm": (hostile.deflate_bomb, "too_large"),
+        "lie.dcm": (hostile.j2k_size_lie, "inconsistent"),
+        "tiny.dcm": (lambda: hostile.tiny(8, 8), "too_small"),
+        "burned.dcm": (hostile.burned_in, "burned_in_annotation"),
+        "name.dcm": (hostile.frames_is_a_name, "unreadable"),
+        "video.dcm": (hostile.unsupported_compression, "unsupported"),
+        "giga.dcm": (hostile.huge_header, "too_large"),
+        "rle.dcm": (hostile.rle_wrong_segments, "inconsistent"),
+    }
+    for name, (make, _) in files.items():
+        (bad / name).write_bytes(make())
+    labels = _write_labels(tmp_path / "labels.csv", [(a, y) for _, a, y in studies])
+    params, _ = _params(tmp_path, dicom, labels, **{"data.workers": 2, "data.img_resolution": 16,
+                                                    "data.allowed_body_parts": [], "data.max_image_pixels": 2048 * 2048})
+    result = ingest(params, progress=False)
+    report = json.loads((result.out_dir / "quarantine.json").read_text())
+    want = Counter(reason for _, reason in files.values())
+    assert {k: v for k, v in report["counts"].items() if v} == dict(want)
+    assert result.num_images == len(studies)
+    text = b"".join(p.read_bytes() for p in result.out_dir.iterdir())
+    for value in hostile.identifiers():
+        assert value.encode() not in text
+
+
+def _fifo_task(tmp_path: Path) -> tuple[int, str, str]:
+    import os
+
+    fifo = tmp_path / "GZ0000124" / "A99999999.dcm"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)  # opening it for reading blocks until a writer comes: a real hang
+    return (0, str(fifo), "GZ0000124/A99999999.dcm")
+
+
+def _ingest_tasks(tmp_path, sample_export, params, first) -> list[tuple[int, str, str]]:
+    _, studies = _mini_export(tmp_path, sample_export, n=3)
+    root = Path(params.data.dicom_dir)
+    return [first] + [(i + 1, str(p), p.relative_to(root).as_posix()) for i, (p, _, _) in enumerate(studies)]
+
+
+def test_a_record_that_hangs_is_quarantined_as_timeout_and_the_run_goes_on(tmp_path, sample_export):
+    from components.ingest import WorkerContext, _process_dicom, _run_workers
+    from radsynth.deid import Decoded, Rejected
+    from tqdm import tqdm
+
+    params, _ = _params(tmp_path, tmp_path / "export" / "dicom", tmp_path / "l.csv")
+    tasks = _ingest_tasks(tmp_path, sample_export, params, _fifo_task(tmp_path / "fifo"))
+    ctx = WorkerContext.from_config(params.data, TEST_SALT.encode())
+    results = _run_workers(_process_dicom, tasks, ctx, 1, False, tqdm, timeout_s=1.5)
+    assert isinstance(results[0], Rejected) and results[0].entry.reason == "timeout"
+    assert "A99999999" not in json.dumps(results[0].entry.as_dict()) and "GZ0000124" not in json.dumps(results[0].entry.as_dict())
+    assert all(isinstance(r, Decoded) for r in results[1:])
+
+
+def test_a_worker_killed_mid_record_is_a_quarantine_entry_not_a_hang(tmp_path, sample_export):
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from components.ingest import WorkerContext, _process_dicom, _run_workers
+    from radsynth.deid import Decoded, Rejected
+    from tqdm import tqdm
+
+    params, _ = _params(tmp_path, tmp_path / "export" / "dicom", tmp_path / "l.csv")
+    tasks = _ingest_tasks(tmp_path, sample_export, params, _fifo_task(tmp_path / "fifo"))
+    ctx = WorkerContext.from_config(params.data, TEST_SALT.encode())
+    killed = []
+
+    def kill_the_blocked_worker():  # as the OOM killer would; only our own child, found by what it waits on
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            for child in psutil.Process().children():
+                try:
+                    if open(f"/proc/{child.pid}/wchan").read() in ("wait_for_partner", "fifo_open", "pipe_wait"):
+                        os.kill(child.pid, signal.SIGKILL)
+                        killed.append(child.pid)
+                except OSError:
+                    continue
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_blocked_worker)
+    killer.start()
+    results = _run_workers(_process_dicom, tasks, ctx, 1, False, tqdm, timeout_s=120)
+    killer.join()
+    assert killed
+    assert isinstance(results[0], Rejected) and results[0].entry.reason == "worker_crashed"
+    assert "SIGKILL" in results[0].entry.detail
+    assert all(isinstance(r, Decoded) for r in results[1:])
+
+
+def test_free_text_labels_never_become_classes_or_outputs(tmp_path, sample_export):
+    dicom, studies = _mini_export(tmp_path, sample_export, n=5)
+    rows = [(a, y) for _, a, y in studies]
+    free_text = ["Smith John", "DOE.JANE", "1970-01-01", "see report: PNEUMONIA"]
+    for i, text in enumerate(free_text, start=1):
+        rows[i] = (rows[i][0], text)
+    labels = _write_labels(tmp_path / "labels.csv", rows)
+    params, _ = _params(tmp_path, dicom, labels, **{"data.workers": 1})
+    result = ingest(params, progress=False)
+    assert result.quarantine == {"unknown_label": 4} and result.num_images == 1
+    text = "".join(p.read_text() for p in result.out_dir.iterdir() if p.suffix in (".csv", ".json", ".yaml"))
+    for value in free_text:
+        assert value not in text
+
+
+def _with_pixels(path: Path, value: int) -> bytes:
+    ds = pydicom.dcmread(path)
+    ds.PixelData = np.full((int(ds.Rows), int(ds.Columns)), value, dtype=np.uint8).tobytes()
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    for tag in ("WindowCenter", "WindowWidth"):
+        if tag in ds:
+            delattr(ds, tag)
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def test_quality_outliers_are_quarantined_and_the_dataset_still_validates(tmp_path, sample_export):
+    from components.preprocess import preprocess
+    from components.validate import validate
+
+    dicom, studies = _mini_export(tmp_path, sample_export, n=24)
+    black, flat = studies[0][0], studies[1][0]
+    black.write_bytes(_with_pixels(black, 0))
+    flat.write_bytes(_with_pixels(flat, 128))
+    labels = _write_labels(tmp_path / "labels.csv", [(a, y) for _, a, y in studies])
+    params, _ = _params(tmp_path, dicom, labels, **{"data.workers": 1, "data.min_class_fraction": 0.0,
+                                                    "data.split_train": 0.5, "data.split_val": 0.25, "data.split_test": 0.25,
+                                                    "data.max_quality_fraction": 0.1})
+    result = ingest(params, progress=False)
+    assert result.quarantine == {"near_black": 1, "blank": 1} and result.num_images == 22
+    preprocess(params)
+    ok = validate(params)
+    assert ok.success, ok.failed
+    # dataset-level: more quality drops than data.max_quality_fraction allows fails validation
+    strict = dataclasses.replace(params, data=dataclasses.replace(params.data, max_quality_fraction=0.05))
+    failed = validate(strict, out_dir=tmp_path / "strict")
+    assert not failed.success and failed.failed == ("quarantine: expect_column_values_to_be_between(quality_fraction)",)
+
+
+@pytest.mark.parametrize("value, words", [
+    ("change-me", "has 9 characters"),
+    ("change-me-change-me-change-me", "placeholder"),
+    ("please-replace-me-with-a-secret", "placeholder"),
+    ("abababababababababab", "distinct characters"),
+    ("   ", "set but empty"),
+])
+def test_salt_from_the_environment_is_checked_like_the_file(tmp_path, monkeypatch, value, words):
+    from radsynth.deid import SaltError
+
+    params, _ = _params(tmp_path, tmp_path, tmp_path / "l.csv", **{"data.salt_env": "RADSYNTH_TEST_SALT_VAR"})
+    monkeypatch.setenv("RADSYNTH_TEST_SALT_VAR", value)
+    with pytest.raises(SaltError, match=words) as err:
+        load_salt(params.data)
+    assert value.strip() == "" or value not in str(err.value)  # the salt is never quoted
+
+
+def test_salt_file_placeholder_is_refused_and_cli_says_so(tmp_path, sample_export):
+    dicom, studies = _mini_export(tmp_path, sample_export, n=2)
+    labels = _write_labels(tmp_path / "labels.csv", [(a, y) for _, a, y in studies])
+    _, sets = _params(tmp_path, dicom, labels)
+    (tmp_path / "salt").write_text("change-me-change-me\n")
+    code, out = run_cli("ingest", sets)
+    assert code == 2 and "placeholder" in out and "Traceback" not in out and "change-me" not in out

@@ -133,6 +133,7 @@ def test_promote_moves_the_encoder_trained_for_that_generator(registry):
         info = rg.log_onnx_model(root / "eval-pass" / "classifier.onnx", enc)  # any small ONNX stands in for the encoder file
         versions[label] = str(info.registered_model_version)
         client.set_model_version_tag(enc, versions[label], "generator_onnx_sha256", sha)
+        client.set_model_version_tag(enc, versions[label], "onnx_sha256", "d" * 64)  # components/encoder.py tags it; promote signs it
     version = rg.register(params, root / "export", root / "eval-pass")["version"]
     rg.promote(params, version)
     assert str(client.get_model_version_by_alias(enc, params.registry.champion_alias).version) == versions["match"]

@@ -55,7 +55,9 @@ def test_patient_in_two_splits_fails_with_a_named_expectation(run, tmp_path):
     root = _copy_with_leaked_patient(run, tmp_path)
     result = validate(run.params, dataset_dir=root, out_dir=tmp_path / "report")
     assert not result.success
-    assert result.failed == ("patients: expect_column_values_to_be_between(num_splits)",)
+    # both patient expectations catch it; the uniqueness one used to run on a groupby index and could not fail
+    assert result.failed == ("patients: expect_column_values_to_be_unique(patient)",
+                             "patients: expect_column_values_to_be_between(num_splits)")
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "FAILED" in summary and "no patient in two splits" in summary
 
@@ -96,3 +98,27 @@ def test_label_set_comes_from_params_when_given(run, tmp_path):
     result = validate(params, dataset_dir=run.artifacts / "dataset", out_dir=tmp_path / "r")
     assert "images: expect_column_values_to_be_in_set(label)" in result.failed
     assert "classes: expect_column_distinct_values_to_equal_set(label)" in result.failed
+
+
+def test_patient_uniqueness_expectation_can_fail_on_its_own(run):
+    """The (patient, split) table with one patient twice fails uniqueness; one row per patient passes."""
+    ds = load_dataset(run.artifacts / "dataset")
+    def suite():  # uniqueness only; fresh objects per run (GX binds an expectation to one suite)
+        return {"patients": build_suites(run.params, ds)["patients"][:1]}
+
+    twice = pd.DataFrame({"patient": ["a" * 20, "a" * 20, "b" * 20], "split": ["train", "test", "val"], "num_splits": [1, 1, 1]})
+    [bad] = run_suites({"patients": twice}, suite())
+    assert bad["expectation"] == "expect_column_values_to_be_unique" and not bad["success"]
+    [good] = run_suites({"patients": twice.iloc[1:]}, suite())
+    assert good["success"]
+
+
+def test_quality_quarantine_share_gates_the_dataset(run):
+    ds = load_dataset(run.artifacts / "dataset")
+    def suite():
+        return {"quarantine": build_suites(run.params, ds)["quarantine"]}
+
+    one = pd.DataFrame({"quality_quarantined": [1], "quality_fraction": [1 / 6000]})
+    many = pd.DataFrame({"quality_quarantined": [900], "quality_fraction": [900 / 6000]})
+    assert run_suites({"quarantine": one}, suite())[0]["success"]
+    assert not run_suites({"quarantine": many}, suite())[0]["success"]

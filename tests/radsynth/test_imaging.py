@@ -245,3 +245,140 @@ def test_decode_upload_detects_the_kind_by_content(dx):
     np.testing.assert_allclose(decode_upload(png), dicom_to_array(dx), atol=1e-7)
     with pytest.raises(ImageError, match="above the limit"):
         decode_upload(buf.getvalue(), max_pixels=100)
+
+
+# --- the guarded reader: every hostile input refused with a reason, before it costs memory ---------
+
+
+HOSTILE = {
+    # builder: (reason, words of the message)
+    "deflate_bomb": ("too_large", "inflates past the 9 MiB limit"),
+    "j2k_size_lie": ("inconsistent", "inside is 8192x8192 pixels but the header says 16x16"),
+    "jpeg_size_lie": ("inconsistent", "inside is 4096x4096 pixels but the header says 64x64"),
+    "rle_wrong_segments": ("inconsistent", "3 segments; the header implies 1"),
+    "unsupported_compression": ("unsupported", "compression radsynth does not read"),
+    "private_syntax": ("unsupported", "compression radsynth does not read"),
+    "frames_is_a_name": ("unreadable", "NumberOfFrames is not a whole number"),
+    "tiny": ("too_small", "1x1 pixels, smaller than the model's 16x16"),
+    "odd_bits": ("unreadable", "12 bits allocated"),
+    "huge_header": ("too_large", "65535x65535 pixels, above the limit"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_guarded_reader_refuses_hostile_dicom_without_echoing_the_header(name):
+    from radsynth.dicom import Limits, read_guarded
+    from tests.radsynth import hostile
+
+    reason, words = HOSTILE[name]
+    with pytest.raises(ImageError) as err:
+        read_guarded(getattr(hostile, name)(), Limits(max_pixels=2048 * 2048, min_side=16))
+    assert err.value.reason == reason and words in str(err.value)
+    for value in hostile.identifiers():
+        assert value not in str(err.value)
+
+
+def test_the_hostile_inputs_are_real():
+    """Controls: the bomb really inflates past its size, the lie really is an 8192 x 8192 codestream,
+    and an honest file of each kind passes the same checks."""
+    import zlib
+
+    from radsynth.dicom import Limits, _j2k_size, inflate, read_guarded
+    from tests.radsynth import hostile
+
+    from radsynth.dicom import _meta
+
+    bomb = hostile.deflate_bomb(inflated_mib=40)
+    _, body_at = _meta(bomb)
+    assert len(bomb) < 64 * 1024
+    assert len(zlib.decompress(bomb[body_at:], -zlib.MAX_WBITS)) > 40 << 20  # unguarded: 40 MiB from < 64 KiB
+    with pytest.raises(ImageError, match="inflates past the 8 MiB limit"):
+        inflate(bomb[body_at:], 8 << 20)
+    assert _j2k_size(hostile.J2K_8192) == (8192, 8192, 1)
+    limits = Limits(max_pixels=2048 * 2048, min_side=16)
+    for ok in (hostile.deflated(hostile.dataset(64, 64)), hostile.j2k_honest(), hostile.brain_mr()):
+        assert dicom_to_array(read_guarded(ok, limits).ds, limits).shape == (64, 64)
+    assert read_guarded(hostile.deflated(hostile.dataset(64, 64)), limits).header.deflated is True
+
+
+def test_header_codes_are_echoed_only_when_standard():
+    from radsynth.dicom import Limits, read_guarded
+    from tests.radsynth import hostile
+
+    ds = hostile.dataset(64, 64, Modality="MR", BodyPartExamined="SMITH JOHN", BurnedInAnnotation="MAYBE")
+    header = read_guarded(hostile.to_bytes(ds), Limits(min_side=16)).header
+    assert (header.modality, header.body_part, header.burned_in) == ("MR", "unrecognised value", "unrecognised value")
+    assert read_guarded(hostile.brain_mr(), Limits()).header.body_part == "BRAIN"
+
+
+def test_reading_a_name_in_a_number_prints_nothing(tmp_path):
+    """pydicom warns (log + warnings) quoting the value; the reader silences both, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("from radsynth.dicom import ImageError, Limits, read_guarded\n"
+            "from tests.radsynth import hostile\n"
+            "import logging; logging.basicConfig(level=logging.DEBUG)\n"
+            "try:\n    read_guarded(hostile.frames_is_a_name(), Limits())\nexcept ImageError as e:\n    print(e.reason)\n")
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.stdout.strip() == "unreadable", proc.stderr
+    assert "DOE" not in proc.stderr and "JANE" not in proc.stderr, proc.stderr
+    # control: pydicom alone, in the same kind of process, does print the name
+    control = subprocess.run([sys.executable, "-W", "always", "-c",
+                              "import io, pydicom, logging; logging.basicConfig()\n"
+                              "from tests.radsynth import hostile\n"
+                              "ds = pydicom.dcmread(io.BytesIO(hostile.frames_is_a_name()))\nds.get('NumberOfFrames')\n"],
+                             capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert "DOE^JANE" in control.stderr
+
+
+# --- VOI LUT data in the file's byte order (issue 15) -------------------------------------------
+
+
+def test_voi_lut_of_a_big_endian_file_reads_like_its_little_endian_twin():
+    from pydicom.pixels import apply_voi
+
+    from tests.radsynth import hostile
+
+    rng = np.random.default_rng(3)
+    stored = rng.integers(0, 4096, size=(32, 32)).astype(np.uint16)
+    lut = (4095 - np.arange(4096)).astype(np.uint16)  # inverting 12-bit LUT, 16-bit entries
+    be = read_dicom(hostile.big_endian(stored, lut, bits=12))
+    le = read_dicom(hostile.little_endian_twin(stored, lut, bits=12))
+    assert not be.file_meta.TransferSyntaxUID.is_little_endian
+    expected = (4095 - stored) / 4095.0
+    np.testing.assert_allclose(dicom_to_array(be), expected, atol=1e-6)
+    np.testing.assert_allclose(dicom_to_array(le), expected, atol=1e-6)
+    # pydicom's own apply_voi agrees on the big-endian file (where its index type suffices)
+    np.testing.assert_array_equal(apply_voi(be.pixel_array, be), 4095 - stored)
+
+
+def test_voi_lut_8_bit_entries_with_more_than_256_of_them():
+    """pydicom's apply_voi indexes with the entry type (uint8) and wraps at 256; ours does not."""
+    from tests.radsynth import hostile
+
+    stored = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    lut = (np.arange(4096) // 16).astype(np.uint16)  # 12-bit in, 8-bit out
+    ds = read_dicom(hostile.big_endian(stored, lut, bits=8))
+    np.testing.assert_allclose(dicom_to_array(ds), (stored // 16) / 255.0, atol=1e-6)
+    from pydicom.pixels import apply_voi
+
+    assert not np.array_equal(apply_voi(ds.pixel_array, ds), stored // 16)  # why the lookup is ours (pydicom 3 gets this wrong)
+
+
+def test_big_endian_voi_would_be_wrong_read_little_endian():
+    """Control: the same bytes read little-endian (the old code) give a different picture."""
+    from radsynth.dicom import voi_lut
+    from tests.radsynth import hostile
+
+    stored = np.arange(1024, dtype=np.uint16).reshape(32, 32)
+    lut = np.arange(4096, dtype=np.uint16)
+    ds = read_dicom(hostile.big_endian(stored, lut, bits=12))
+    entries, _, _ = voi_lut(ds)
+    wrong = np.frombuffer(ds.VOILUTSequence[0].LUTData, dtype="<u2")
+    np.testing.assert_array_equal(entries, lut)
+    assert (wrong != lut).any()

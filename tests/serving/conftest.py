@@ -36,8 +36,10 @@ def serving_params(tmp: Path, **overrides) -> Params:
     return load_params(ROOT / "params.yaml", profile="tiny", overrides=base)
 
 
-def register_onnx(params: Params, onnx_path: Path, name: str, alias: str, sha256: str | None = None) -> int:
-    """Log ``onnx_path`` as an MLflow ONNX model version (as `radsynth register` does), tag and alias it.
+def register_onnx(params: Params, onnx_path: Path, name: str, alias: str, sha256: str | None = None,
+                  signed: bool = True) -> int:
+    """Log ``onnx_path`` as an MLflow ONNX model version (as `radsynth register` does), tag and alias it,
+    and sign it as `radsynth promote` does (``signed=False``: leave it unsigned).
 
     ``sha256`` overrides the ``onnx_sha256`` tag (to simulate a corrupted artefact).
     """
@@ -61,6 +63,11 @@ def register_onnx(params: Params, onnx_path: Path, name: str, alias: str, sha256
     meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     for key, value in {**meta, "onnx_sha256": sha256, "gate": "passed"}.items():
         client.set_model_version_tag(name, str(version), key, value)
+    if signed:
+        from radsynth.signing import load_private_key, sign
+
+        for key, value in sign(load_private_key(params.signing, create=True), name, version, sha256).items():
+            client.set_model_version_tag(name, str(version), key, value)
     client.set_registered_model_alias(name, alias, str(version))
     return version
 

@@ -110,9 +110,10 @@ def test_deploy_swaps_the_champion_without_a_restart_and_refuses_an_unhealthy_on
     assert server.process.pid == pid and server.process.poll() is None         # the same process, never restarted
     assert sorted(p.name for p in (repo / MODEL).iterdir() if p.is_dir()) == ["2"]
     assert json.loads((repo / "repository.json").read_text())["models"][MODEL] == [2]
-    import tritonclient.grpc as grpcclient
+    from serving.deploy import _grpc
+    from serving.server import admin_key
 
-    names = {m["name"] for m in grpcclient.InferenceServerClient(server.grpc_url).get_model_repository_index(as_json=True)["models"]}
+    names = {m["name"] for m in _grpc(server.grpc_url, admin_key(params.serve)).get_model_repository_index(as_json=True)["models"]}
     assert names == {MODEL}                                                     # the staging copy is gone
 
     # the control: a promoted version that answers out of range is never served
@@ -176,3 +177,33 @@ def test_poll_mode_picks_up_the_swap_and_checks_it_after(live, tmp_path):
         assert deploy(params)["changed"] == {MODEL: {"from": [1], "to": [2]}}
         assert served(params)[0] == "2"
         assert sorted(p.name for p in (server.repository / MODEL).iterdir() if p.is_dir()) == ["2"]
+
+
+def test_deploy_refuses_an_unsigned_champion_and_a_wrong_or_missing_admin_key(live, tmp_path, monkeypatch):
+    """Deploy builds through the verifying repository builder and loads with the admin key only."""
+    import dataclasses
+
+    from mlflow import MlflowClient
+
+    from serving.repository import RepositoryError
+    from serving.server import ADMIN_KEY_ENV
+
+    params, server, onnx, _ = live
+    before, images = served(params)
+    registry = MlflowClient()
+    previous = registry.get_model_version_by_alias(MODEL, "champion").version
+    register_onnx(params, onnx[1], MODEL, "champion", signed=False)          # promoted by someone without the key
+    try:
+        with pytest.raises(RepositoryError, match="carries no promotion signature"):
+            deploy(params)
+        assert served(params)[0] == before and np.array_equal(served(params)[1], images)   # the old version still serves
+    finally:
+        registry.set_registered_model_alias(MODEL, "champion", previous)
+    monkeypatch.setenv(ADMIN_KEY_ENV, "not-this-servers-key")
+    with pytest.raises(DeployError, match="refused the model-repository API"):
+        deploy(params)
+    monkeypatch.delenv(ADMIN_KEY_ENV)
+    elsewhere = dataclasses.replace(params, serve=dataclasses.replace(params.serve, repository=str(tmp_path / "repo")))
+    with pytest.raises(DeployError, match="no Triton admin key"):
+        deploy(elsewhere, repository=server.repository)
+    assert served(params)[0] == before

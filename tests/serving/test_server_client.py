@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -203,7 +204,8 @@ def test_server_down_is_clear_after_retries(protocol):
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "MLFLOW_ENABLE_TELEMETRY": "false"}
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "MLFLOW_ENABLE_TELEMETRY": "false",
+           **{k: v for k, v in os.environ.items() if k.startswith("RADSYNTH_TRITON_")}}  # the server's API keys
     return subprocess.run([sys.executable, "-m", "radsynth.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -248,7 +250,8 @@ def test_generate_cli_png_dicom_and_check(triton, tmp_path):
 
 def test_serve_cli_starts_and_stops_cleanly_on_sigterm(triton, tmp_path):
     ports = [free_port() for _ in range(3)]
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "MLFLOW_ENABLE_TELEMETRY": "false"}
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "MLFLOW_ENABLE_TELEMETRY": "false",
+           **{k: v for k, v in os.environ.items() if k.startswith("RADSYNTH_TRITON_")}}  # the server's API keys
     proc = subprocess.Popen(
         [sys.executable, "-m", "radsynth.cli", "serve", "--profile", "tiny", "--no-build",
          "--repository", str(triton.repository),

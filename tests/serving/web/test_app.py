@@ -19,7 +19,10 @@ from PIL import Image
 from serving.web.app import InMemoryRequest, create_app
 from serving.web.backend import TritonBackend
 
-from .conftest import CHEST_DX, CLASSES
+from tests.memprobe import measure
+from tests.radsynth import hostile as H
+
+from .conftest import CHEST_DX, CLASSES, alert
 
 
 # --------------------------------------------------------------------------------------
@@ -100,7 +103,27 @@ BAD_UPLOADS = {
     "too many pixels": (lambda: png_bomb(3000, 3000), "wide.png", 413, "megapixels"),
     "empty file": (lambda: b"", "empty.png", 422, "empty"),
     "DICOM over the pixel cap": (lambda: dicom_bytes(small_dicom(Rows=3000, Columns=3000)), "huge.dcm", 413, "megapixels"),
+    # the issue's hostile corpus (tests/radsynth/hostile.py builds each from the fixture's header)
+    "Deflated DICOM bomb (300 KiB -> 300 MiB)": (H.deflate_bomb, "bomb.dcm", 413, "inflates past the 9 MiB limit"),
+    "JPEG 2000 codestream 8192 x 8192 in a 16 x 16 header": (H.j2k_size_lie, "lie.dcm", 422, "inside is 8192x8192 pixels but the header says 16x16"),
+    "JPEG frame header larger than the DICOM header": (H.jpeg_size_lie, "lie.dcm", 422, "inside is 4096x4096 pixels"),
+    "RLE with the wrong segment count": (H.rle_wrong_segments, "rle.dcm", 422, "3 segments"),
+    "compression we do not read (MPEG-2)": (H.unsupported_compression, "video.dcm", 415, "compression radsynth does not read"),
+    "private transfer syntax": (H.private_syntax, "private.dcm", 415, "compression radsynth does not read"),
+    "Number of Frames holding a patient name": (H.frames_is_a_name, "name.dcm", 422, "NumberOfFrames is not a whole number"),
+    "1 x 1 PNG": (lambda: H.png(1, 1), "dot.png", 422, "smaller than the model's 16 x 16"),
+    "8 x 8 PNG (below the model's resolution)": (lambda: H.png(8, 8), "small.png", 422, "smaller than the model's 16 x 16"),
+    "1 x 1 DICOM": (H.tiny, "dot.dcm", 422, "smaller than the model's 16 x 16"),
+    "12 bits allocated": (H.odd_bits, "odd.dcm", 422, "12 bits allocated"),
+    "4-gigapixel DICOM header": (H.huge_header, "giga.dcm", 413, "megapixels"),
+    "PNG with a 64 MiB zTXt chunk": (H.png_text_bomb, "text.png", 422, "truncated or corrupt"),
 }
+# Accepted, with a visible warning on the page (web.off_domain: warn).
+WARNED_UPLOADS = {
+    "brain MR": (H.brain_mr, "brain.dcm", "says modality MR and body part BRAIN, but the model was trained on DX/CR chest images"),
+    "burned-in annotation": (H.burned_in, "burned.dcm", "declares burned-in annotation"),
+}
+MEMORY_BOUND_PER_PIXEL = 4                     # bytes x web.max_pixels: a refusal costs less than one float32 image
 
 
 def gallery(html: str) -> list[str]:
@@ -318,18 +341,153 @@ def test_model_card_page_renders_the_served_versions_card_safely(params, backend
 # --------------------------------------------------------------------------------------
 
 
+PROBE_SETUP = """
+import io, json, logging, re, tempfile
+from pathlib import Path
+
+from radsynth.config import load_params
+from serving.web.app import create_app
+from tests.serving.web.conftest import ROOT, TorchBackend
+from tests.serving.web.test_app import BAD_UPLOADS, WARNED_UPLOADS
+
+tmp = Path(tempfile.mkdtemp(prefix="radsynth-probe-"))
+params = load_params(ROOT / "params.yaml", profile="tiny", overrides={
+    "web.audit_log": str(tmp / "audit.jsonl"), "web.upload_dir": str(tmp / "uploads"),
+    "web.max_upload_bytes": 4 * 2**20, "web.max_pixels": 2048 * 2048, "web.max_images": 4})
+backend = TorchBackend(params)
+client = create_app(params, backend=backend).test_client()
+records = []
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append(self.format(record))
+
+logging.getLogger().addHandler(Keep(logging.DEBUG))
+logging.getLogger().setLevel(logging.DEBUG)
+CASES = {name: (make(), filename) for name, (make, filename, *_ ) in {**BAD_UPLOADS, **WARNED_UPLOADS}.items()}
+
+def CALL(name):
+    data, filename = CASES[name]
+    backend.calls.clear()
+    records.clear()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/").get_data(as_text=True)).group(1)
+    form = {"csrf_token": token, "condition": "NORMAL", "n": "1", "seed": "7", "image": (io.BytesIO(data), filename)}
+    resp = client.post("/generate", data=form, content_type="multipart/form-data")
+    audit = Path(params.web.audit_log)
+    return {"status": resp.status_code, "html": resp.get_data(as_text=True), "calls": list(backend.calls),
+            "log": "\\n".join(records), "audit": audit.read_text() if audit.exists() else "",
+            "stored": Path(params.web.upload_dir).exists()}
+"""
+
+
+@pytest.fixture(scope="module")
+def probed():
+    """Every bad and warned upload posted in a child process, each with its peak memory growth."""
+    return measure(PROBE_SETUP, [*BAD_UPLOADS, *WARNED_UPLOADS])
+
+
+def _no_identifier(*texts: str) -> None:
+    for value in H.identifiers():
+        for text in texts:
+            assert value not in text, f"identifier {value!r} echoed"
+
+
 @pytest.mark.parametrize("case", list(BAD_UPLOADS), ids=list(BAD_UPLOADS))
-def test_bad_upload_is_refused_clearly_and_nothing_is_kept(client, backend, params, h, case):
-    make, filename, status, words = BAD_UPLOADS[case]
-    resp = h.post_generate(client, make(), filename)
-    html = resp.get_data(as_text=True)
-    assert resp.status_code == status
-    message = h.alert(html)
+def test_bad_upload_is_refused_clearly_cheaply_and_nothing_is_kept(probed, params, case):
+    """Status, message, nothing generated/stored/audited, no identifier anywhere, bounded memory."""
+    _, _, status, words = BAD_UPLOADS[case]
+    result = probed[case]
+    assert result["error"] is None, result["error"]
+    got = result["value"]
+    assert got["status"] == status, alert(got["html"])
+    message = html_lib.unescape(alert(got["html"]))
     assert words.lower() in message.lower(), message
-    assert "Traceback" not in html
-    assert backend.calls == []
-    assert audit_lines(params) == []
-    assert not (params.web.upload_dir and __import__("os").path.exists(params.web.upload_dir))
+    assert "Traceback" not in got["html"]
+    assert got["calls"] == [] and got["audit"] == "" and got["stored"] is False
+    _no_identifier(got["html"], got["log"], result["stderr"])
+    bound = MEMORY_BOUND_PER_PIXEL * 2048 * 2048
+    assert result["growth"] < bound, f"peak growth {result['growth'] / 2**20:.1f} MiB >= {bound / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("case", list(WARNED_UPLOADS), ids=list(WARNED_UPLOADS))
+def test_off_domain_or_burned_in_dicom_is_accepted_with_a_visible_warning(probed, case):
+    _, _, words = WARNED_UPLOADS[case]
+    result = probed[case]
+    got = result["value"]
+    assert got["status"] == 200
+    warning = re.search(r'<p class="warning" id="upload-warning-0">(.*?)</p>', got["html"], re.S)
+    assert warning and words in html_lib.unescape(warning.group(1)), got["html"][:2000]
+    assert "reads your upload as" not in got["html"]  # the classifier's reading is not shown beside the warning
+    _no_identifier(got["html"], got["log"], result["stderr"])
+
+
+def test_the_memory_probe_sees_codec_allocations():
+    """Control: decoding the J2K lie WITHOUT the guard (pydicom alone) costs far more than the bound."""
+    setup = """
+import io, pydicom, warnings
+warnings.simplefilter("ignore")
+from tests.radsynth import hostile as H
+DATA = H.j2k_size_lie()
+def CALL(name):
+    ds = pydicom.dcmread(io.BytesIO(DATA))
+    try:
+        ds.pixel_array
+    except Exception as exc:
+        return type(exc).__name__
+    return "decoded"
+"""
+    result = measure(setup, ["unguarded"])["unguarded"]
+    assert result["growth"] > MEMORY_BOUND_PER_PIXEL * 2048 * 2048, result
+
+
+def test_off_domain_upload_is_refused_when_params_say_so(params, backend, h):
+    from radsynth.config import load_params
+
+    strict = load_params(params_path(), profile="tiny", overrides={**overrides_of(params), "web.off_domain": "refuse"})
+    client = create_app(strict, backend=backend).test_client()
+    resp = h.post_generate(client, H.brain_mr(), "brain.dcm")
+    message = h.alert(resp.get_data(as_text=True))
+    assert resp.status_code == 422 and "modality MR and body part BRAIN" in message and "refused" in message
+    assert backend.calls == [] and audit_lines(strict) == []
+    assert h.post_generate(client, CHEST_DX.read_bytes(), "chest.dcm").status_code == 200  # a chest DX still passes
+
+
+def test_deflated_dicom_within_the_cap_is_accepted(client, h):
+    resp = h.post_generate(client, H.deflated(H.dataset(64, 64)), "deflated.dcm")
+    assert resp.status_code == 200 and "DICOM, 64×64" in resp.get_data(as_text=True)
+
+
+def test_concurrent_uploads_print_no_header_value(tmp_path):
+    """pydicom's warning for a name in Number of Frames is silenced in every thread of a child, where
+    nothing resets warnings between calls (gunicorn's gthread workers)."""
+    code = """
+import threading
+from serving.web.uploads import UploadError, read_upload
+from tests.radsynth import hostile as H
+data = H.frames_is_a_name()
+errors = []
+def go():
+    for _ in range(20):
+        try:
+            read_upload(data, max_bytes=2**22, max_pixels=2**22, resolution=16)
+        except UploadError as exc:
+            errors.append(str(exc))
+threads = [threading.Thread(target=go) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(len(errors), sorted(set(errors)))
+"""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("160 ") and "NumberOfFrames is not a whole number" in proc.stdout
+    assert H.NAME_IN_A_NUMBER not in proc.stdout + proc.stderr and "DOE" not in proc.stderr, proc.stderr
 
 
 def test_content_not_extension_decides(client, h):
