@@ -8,10 +8,15 @@ last checkpoint; a finished stage is skipped.
 Outputs under ``out_dir`` (default ``artifacts/train``):
 
     stage_<R>/checkpoint.json + .safetensors   full training state (resume point)
-    stage_<R>/grid_<R>.png                     G_ema samples per condition at fixed z
+    stage_<R>/grid_<R>.png                     G_ema samples per condition at fixed z, stage end
+    stage_<R>/progress/grid_<kimg>kimg.png     the same every train.grid_kimg while the stage runs
     G_ema.safetensors + G_ema.json             the final generator (model.checkpoint format)
+    history.tsv                                metrics against kimg (dvc plots; MLflow has the same)
     curves.png                                 losses, Wasserstein estimate, gradient penalty
     train.json                                 summary; params.yaml: the resolved config
+
+The recipe (optimiser, penalty, augmentation, EMA) is ``train.recipe``, a named overlay in
+``params.yaml``'s ``recipes:`` (``--set train.recipe=wgan-gp-paper`` for the seed's baseline).
 
 Distributed: ``torchrun --nproc_per_node N -m radsynth.cli train ...`` (gloo on CPU, nccl
 on CUDA); rank 0 writes every file.
