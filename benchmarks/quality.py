@@ -2,7 +2,8 @@
 
 For every salt (the site's pseudonym salt decides the patient split): ingest, preprocess and
 validate once into ``<work>/<salt>/``. For every recipe and training seed: ``radsynth train``
-(``--set train.recipe=R --set seed=S``, a fixed thread count, so a run is deterministic) and
+(``--set train.recipe=R --set seed=S``, the profile's ranks and threads: on the cpu profile two
+single-threaded ranks, so a run is deterministic and is exactly what the demo trains) and
 ``radsynth evaluate`` (the calibrated judge of the project's evaluation, at the profile's gate
 level). Finished steps are reused, so the script can be stopped and rerun, and ``--phase
 train`` can train ahead of an evaluation that is not there yet.
@@ -43,7 +44,11 @@ from radsynth.io import write_json  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
+WRAP: list[str] = []     # --wrap: a command each step runs under (e.g. a shared-CPU lock)
+
+
 def _run(cmd: list[str], log: Path, env: dict) -> int:
+    cmd = [*WRAP, *cmd]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n".encode())
@@ -78,7 +83,8 @@ def prepare(args: argparse.Namespace, salt: str) -> Path:
 def run_one(args: argparse.Namespace, salt: str, salt_dir: Path, recipe: str, seed: int, phase: str) -> dict:
     """Train (and evaluate) one recipe x seed on one salt's dataset; returns what was found."""
     run_dir = salt_dir / "runs" / f"{recipe}-seed{seed}"
-    sets = [f"train.recipe={recipe}", f"seed={seed}", f"train.threads={args.threads}", "train.tracking=false", "train.progress=false"]
+    sets = [f"train.recipe={recipe}", f"seed={seed}", "train.tracking=false", "train.progress=false"]
+    sets += [f"train.threads={args.threads}"] if args.threads > 0 else []
     env = _env(salt)
     result = {"salt": salt, "recipe": recipe, "seed": seed, "dir": str(run_dir)}
     train_json = run_dir / "train" / "train.json"
@@ -184,13 +190,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="1234,1,2", help="training seeds (params.seed of train; the split stays the salt's)")
     ap.add_argument("--salts", default="quality-a,quality-b")
     ap.add_argument("--gate-salts", default="", help="further salts: the first recipe, first seed only (gate pass count)")
-    ap.add_argument("--threads", type=int, default=1, help="train.threads of every run (fixed: deterministic runs)")
+    ap.add_argument("--threads", type=int, default=0, help="train.threads of every run (0: the profile's; the cpu profile's two ranks run one thread each)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
     ap.add_argument("--phase", choices=("train", "all"), default="all")
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "quality"))
     ap.add_argument("--set", action="append", default=[], help="extra --set for every step")
+    ap.add_argument("--wrap", default="", help="run every step under this command (e.g. /work/tools/heavy on a shared machine)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     args = ap.parse_args(argv)
+    WRAP[:] = args.wrap.split() if args.wrap else []
     recipes = args.recipes.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     salts = [s for s in args.salts.split(",") if s]

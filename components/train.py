@@ -18,8 +18,10 @@ Outputs under ``out_dir`` (default ``artifacts/train``):
 The recipe (optimiser, penalty, augmentation, EMA) is ``train.recipe``, a named overlay in
 ``params.yaml``'s ``recipes:`` (``--set train.recipe=wgan-gp-paper`` for the seed's baseline).
 
-Distributed: ``torchrun --nproc_per_node N -m radsynth.cli train ...`` (gloo on CPU, nccl
-on CUDA); rank 0 writes every file.
+Distributed: ``train.ranks: N`` makes ``radsynth train`` relaunch itself as N local ranks
+(the ``cpu`` profile uses 2), or run ``torchrun --nproc_per_node N -m radsynth.cli train ...``
+yourself (gloo on CPU, nccl on CUDA, each rank on its ``LOCAL_RANK`` GPU); rank 0 writes
+every file.
 """
 
 from __future__ import annotations
@@ -84,10 +86,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-resume", action="store_true", help="start the stage (or the whole run) over instead of resuming")
 
 
+def launch_ranks(args: argparse.Namespace, params: Params) -> int | None:
+    """Run this command as ``train.ranks`` local DDP processes (torchrun); None when already one of them.
+
+    On a 2-core machine two single-threaded gloo ranks are faster than one process with two
+    threads, and stay fast when other work takes a core, where spinning OpenMP threads
+    collapse (docs/benchmarks.md, "Training").
+    """
+    n = params.train.ranks
+    if n <= 1 or "WORLD_SIZE" in os.environ:
+        return None
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "radsynth.cli", "train"]
+    for flag, value in (("--params", args.params), ("--profile", args.profile), ("--dataset", args.dataset), ("--out", args.out),
+                        ("--stage", args.stage)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    for item in args.set or []:
+        cmd += ["--set", item]
+    if args.no_resume:
+        cmd.append("--no-resume")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(cmd, env=env)
+
+
 def run(args: argparse.Namespace) -> int:
     from radsynth.cli import load_cli_params
 
     params = load_cli_params(args)
+    launched = launch_ranks(args, params)
+    if launched is not None:
+        return launched
     artifacts = Path(params.paths.artifacts)
     summary = train(
         params,

@@ -127,7 +127,8 @@ class TrainConfig:
     augment_kimg: float = 100.0                # adaptive p: kimg for p to move by 1.0
     augment_interval: int = 4                  # adaptive p: iterations between adjustments
     device: str = "auto"                       # auto | cpu | cuda | cuda:N
-    threads: int = 0                           # torch CPU threads; 0: from the machine (see model.distributed.cpu_threads)
+    ranks: int = 1                             # `radsynth train` processes (DDP, gloo on CPU); > 1: it relaunches itself under torchrun
+    threads: int = 0                           # torch CPU threads per process; 0: from the machine (model.distributed.CpuThreads)
     balanced_classes: bool = False             # draw training classes uniformly (else at data frequency)
     amp: bool = True                           # bfloat16 autocast on CUDA where supported (ignored on CPU)
     checkpoint_kimg: float = 50.0              # periodic checkpoint interval (also at every stage end)
