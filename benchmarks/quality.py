@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     classes = json.loads((prepared[salts[0]] / "dataset" / "dataset.json").read_text())["classes"] if salts else []
     main_runs = [r for r in results if r["salt"] in salts]
     gate_runs = [r for r in results if r["recipe"] == recipes[0] and r["seed"] == seeds[0]]
-    agg = aggregate(main_runs, classes)
+    agg = aggregate(main_runs, classes) if args.phase == "all" else {}
     if args.phase == "all":
         print_tables(agg, main_runs, gate_runs)
     else:

@@ -133,22 +133,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def progress_html(stage_dir: str | os.PathLike, resolution: int) -> str:
+    """One self-contained HTML page (images inline) of a stage's grids: the progress grids in
+    kimg order, then the stage-end grid. What a Kubeflow user sees in the run page."""
+    import base64
+    import html
+
+    folder = Path(stage_dir)
+    grids = sorted((folder / "progress").glob("grid_*kimg.png")) + sorted(folder.glob(f"grid_{resolution}.png"))
+    parts = [f"<!doctype html><meta charset='utf-8'><title>train {resolution}x{resolution}</title>",
+             "<style>body{font-family:sans-serif;background:#111;color:#eee}img{image-rendering:pixelated;max-width:100%}</style>",
+             f"<h2>G_ema at fixed z, every condition: {resolution}x{resolution} stage</h2>"]
+    if not grids:
+        parts.append("<p>no grids were written (train.grid_kimg: 0 and the stage did not finish)</p>")
+    for path in grids:
+        label = "stage end" if path.parent == folder else path.stem.removeprefix("grid_").lstrip("0").replace("kimg", " kimg") or "0 kimg"
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        parts.append(f"<h3>{html.escape(label)}</h3><img alt='{html.escape(label)}' src='data:image/png;base64,{data}'>")
+    return "\n".join(parts) + "\n"
+
+
 # --------------------------------------------------------------------------------------
 # Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
 # --------------------------------------------------------------------------------------
-from kfp.dsl import Dataset, Input, Metrics, Model, Output  # noqa: E402
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output  # noqa: E402
 
 from pipelines.component import step_component  # noqa: E402
 
 
 @step_component
 def train_component(profile: str, overrides: list, resolution: int, dataset: Input[Dataset], checkpoint: Output[Model],
-                    metrics: Output[Metrics], previous: Input[Model] = None):
-    """KFP: one progressive stage at ``resolution``, resuming from the ``previous`` stage's checkpoint."""
-    from components.train import train
+                    metrics: Output[Metrics], progress: Output[HTML], previous: Input[Model] = None):
+    """KFP: one progressive stage at ``resolution``, resuming from the ``previous`` stage's checkpoint;
+    ``progress``: the stage's sample grids (every train.grid_kimg) as an HTML visualisation."""
+    from components.train import progress_html, train
+    from model.trainer import stage_dir
     from pipelines.workspace import log_metrics, step_workspace
+    from radsynth.io import atomic_write_text
 
     inputs = {"dataset": dataset.path, "train": previous.path if previous else None}
     with step_workspace(profile, overrides, inputs=inputs, outputs={"train": checkpoint.path}) as ws:
         summary = train(ws.params, ws.root / "dataset", ws.root / "train", stage=resolution)
         log_metrics(metrics, {"kimg": summary.get("kimg"), "seconds": summary.get("seconds"), **(summary.get("last") or {})})
+        atomic_write_text(progress.path, progress_html(stage_dir(ws.root / "train", resolution), resolution))

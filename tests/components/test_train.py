@@ -40,7 +40,14 @@ def test_cli_trains_and_writes_outputs(root, dataset, tmp_path, capsys, monkeypa
     header, *rows = (out / "history.tsv").read_text().splitlines()        # what dvc plots reads, against kimg
     assert header.split("\t") == list(HISTORY_COLUMNS) and len(rows) >= 4
     assert float(rows[-1].split("\t")[0]) == pytest.approx(1.2)
-    assert list((out / "stage_16" / "progress").glob("grid_*kimg.png"))      # grids while training, not only at the end
+    progress = sorted((out / "stage_16" / "progress").glob("grid_*kimg.png"))
+    assert progress                                                        # grids while training, not only at the end
+    from components.train import progress_html
+
+    page = progress_html(out / "stage_16", 16)                             # the KFP task's HTML visualisation
+    assert page.count("<img ") == len(progress) + 1 and page.count("data:image/png;base64,") == len(progress) + 1
+    assert page.index("kimg") < page.index("stage end")                   # in training order, stage end last
+    assert "no grids" in progress_html(tmp_path / "empty", 16)
 
 
 def test_cli_errors_are_one_line(root, tmp_path, capsys, monkeypatch):
