@@ -31,11 +31,13 @@ $(STAMPS)/venv: pyproject.toml requirements.lock
 	@$(BIN)/python -c "import torch, radsynth" || { echo "environment install failed: see pip output above"; exit 1; }
 	@touch $@
 
-# System tools the tests use: Debian's chromium (browser tests) and dcmtk (independent DICOM reader).
-$(STAMPS)/sysdeps:
+# System tools the tests use: Debian's chromium (browser tests), dcmtk (independent DICOM reader)
+# and dicom3tools (dciodvfy, the DICOM IOD validator).
+$(STAMPS)/sysdeps: Makefile
 	@mkdir -p $(STAMPS)
 	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v dcmdump >/dev/null || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "installing system packages:$$missing"; \

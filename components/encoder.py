@@ -9,7 +9,9 @@ shapes, reconstruction quality on the validation split, the generator it inverts
 (``generator_sha256``) and, when the export step ran, the generator ONNX (``generator_onnx_sha256``),
 so serving can pair an encoder with the generator version it was trained for.
 
-CLI: ``radsynth encoder [--no-register]``.
+CLI: ``radsynth encoder [--no-register] [--gate DIR [--allow-refusal]]``: with ``--gate`` the step
+trains nothing when that evaluation's gate failed and writes ``encoder.json`` as
+``{"refused": true, "reason": ...}`` (exit 0 with ``--allow-refusal``, as DVC runs it; else 1).
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from radsynth.errors import RadsynthError
 STEP = "encoder"
 
 
-def encoder(params: Params, register: bool = True, progress: bool = True) -> dict[str, Any]:
+def encoder(params: Params, register: bool = True, progress: bool = True, gate_dir: str | Path | None = None) -> dict[str, Any]:
     """Train, check, export and (optionally) register the encoder.
 
     Args:
         params: the resolved config (``web.encoder_*``, ``paths``).
         register: also log and register the ONNX model in MLflow.
         progress: show a progress bar.
+        gate_dir: an evaluation folder whose verdict must have passed (``None``: not checked);
+            when it failed, ``encoder.json`` records the refusal and nothing is trained.
 
     Returns:
         The summary written to ``encoder.json``.
@@ -47,6 +51,15 @@ def encoder(params: Params, register: bool = True, progress: bool = True) -> dic
     from radsynth.io import read_json, sha256_file, write_json
 
     art = Path(params.paths.artifacts)
+    if gate_dir is not None:
+        from components.evaluate import refusal
+
+        refused = refusal(gate_dir, STEP)
+        if refused is not None:
+            (art / STEP).mkdir(parents=True, exist_ok=True)
+            (art / STEP / "encoder.onnx").unlink(missing_ok=True)
+            write_json(art / STEP / "encoder.json", refused)
+            return refused
     g_path = art / "train" / "G_ema.safetensors"
     if not g_path.is_file():
         raise RadsynthError(f"{g_path} not found: run `radsynth train` first (the encoder inverts the trained G_ema)")
@@ -114,9 +127,9 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
     import tempfile
 
     import mlflow
-    import onnx
     from mlflow.tracking import MlflowClient
 
+    from components.register import log_onnx_model
     from radsynth.io import sha256_file
     from radsynth.tracking import provenance, setup_mlflow
 
@@ -135,11 +148,11 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
     }
     with mlflow.start_run(run_name=STEP) as run:
         mlflow.log_params({k: v for k, v in params.to_dict()["web"].items() if k.startswith("encoder_")})
-        mlflow.log_metrics({"recon_ssim": summary["recon_ssim"], "recon_mse": summary["recon_mse"],
-                            "recon_ssim_random_z": summary["recon_ssim_random_z"], "final_loss": summary["final_loss"]})
         mlflow.set_tags(tags)
-        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name,
-                                     save_as_external_data=False)
+        info = log_onnx_model(onnx_path, name)  # signature + input example; then the metrics, linked to it
+        mlflow.log_metrics({"recon_ssim": summary["recon_ssim"], "recon_mse": summary["recon_mse"],
+                            "recon_ssim_random_z": summary["recon_ssim_random_z"], "final_loss": summary["final_loss"]},
+                           model_id=info.model_id)
     client = MlflowClient()
     version = str(info.registered_model_version)
     # serving verifies the stored model.onnx against this tag: hash the file MLflow stored
@@ -155,13 +168,19 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-register", action="store_true", help="train and export only; do not register in MLflow")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--gate", default=None, metavar="DIR",
+                        help="evaluation folder (e.g. artifacts/evaluate): refuse, and record why, unless its gate passed")
+    parser.add_argument("--allow-refusal", action="store_true", help="exit 0 when the gate refuses (DVC runs it so)")
 
 
 def run(args: argparse.Namespace) -> int:
     from radsynth.cli import load_cli_params
 
     params = load_cli_params(args)
-    summary = encoder(params, register=not args.no_register, progress=not args.no_progress)
+    summary = encoder(params, register=not args.no_register, progress=not args.no_progress, gate_dir=args.gate)
+    if summary.get("refused"):
+        print(f"encoder refused: {summary['reason']}")
+        return 0 if args.allow_refusal else 1
     print(f"encoder: {summary['onnx']} (sha256 {summary['sha256'][:12]}), "
           f"reconstruction SSIM {summary['recon_ssim']:.3f} vs {summary['recon_ssim_random_z']:.3f} for random z"
           + (f"; registered {summary['registered']['name']} v{summary['registered']['version']} as candidate"

@@ -7,6 +7,12 @@ The ONNX graph has inputs ``z`` [N, z_dim] float32 and ``class`` [N] int64 and o
 At export time ``onnx.checker`` must pass and ONNX Runtime must reproduce PyTorch within
 ``export.parity_atol`` for the same ``z`` (``radsynth.latent.z_from_seed``), or nothing is
 written. Outputs: ``<artifacts>/export/generator.onnx`` and ``export.json`` (with ``sha256``).
+
+With ``--gate DIR`` (as ``dvc.yaml`` runs it) the step first reads the evaluation verdict
+(``DIR/gate.json``): when the gate failed it exports nothing, removes a stale
+``generator.onnx`` and writes ``export.json`` as ``{"refused": true, "reason": ...}``, so the
+stage's output exists and the refusal is on record; it then exits 0 with ``--allow-refusal``
+(DVC), else 1.
 """
 
 from __future__ import annotations
@@ -162,16 +168,18 @@ def _shape(t) -> dict:
     return {"dtype": onnx.helper.tensor_dtype_to_np_dtype(t.type.tensor_type.elem_type).name, "shape": dims}
 
 
-def export(params: Params, generator_path: str | Path | None = None, out_dir: str | Path | None = None) -> dict:
+def export(params: Params, generator_path: str | Path | None = None, out_dir: str | Path | None = None,
+           gate_dir: str | Path | None = None) -> dict:
     """Load ``G_ema`` and export it to ``<out_dir>/generator.onnx`` + ``export.json``.
 
     Args:
         params: resolved config.
         generator_path: default ``<artifacts>/train/G_ema.safetensors``.
         out_dir: default ``<artifacts>/export``.
+        gate_dir: an evaluation folder whose verdict must have passed (``None``: not checked).
 
     Returns:
-        The export record written to ``export.json``.
+        The export record written to ``export.json`` (``{"refused": True, ...}`` when the gate failed).
     """
     from model.checkpoint import load_generator
     from radsynth.io import sha256_file, write_json
@@ -179,6 +187,15 @@ def export(params: Params, generator_path: str | Path | None = None, out_dir: st
     art = Path(params.paths.artifacts)
     generator_path = Path(generator_path or art / "train" / "G_ema.safetensors")
     out_dir = Path(out_dir or art / STEP)
+    if gate_dir is not None:
+        from components.evaluate import refusal
+
+        refused = refusal(gate_dir, STEP)
+        if refused is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "generator.onnx").unlink(missing_ok=True)
+            write_json(out_dir / "export.json", refused)
+            return refused
     if not generator_path.is_file():
         raise RadsynthError(f"{generator_path}: no trained generator; run `radsynth train` first or pass --generator")
     G, meta = load_generator(generator_path)
@@ -193,12 +210,18 @@ def export(params: Params, generator_path: str | Path | None = None, out_dir: st
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", default=None, help="G_ema checkpoint (default <artifacts>/train/G_ema.safetensors)")
     parser.add_argument("--out", default=None, help="output folder (default <artifacts>/export)")
+    parser.add_argument("--gate", default=None, metavar="DIR",
+                        help="evaluation folder (e.g. artifacts/evaluate): refuse, and record why, unless its gate passed")
+    parser.add_argument("--allow-refusal", action="store_true", help="exit 0 when the gate refuses the export (DVC runs it so)")
 
 
 def run(args: argparse.Namespace) -> int:
     from radsynth.cli import load_cli_params
 
-    record = export(load_cli_params(args), args.generator, args.out)
+    record = export(load_cli_params(args), args.generator, args.out, args.gate)
+    if record.get("refused"):
+        print(f"export refused: {record['reason']}")
+        return 0 if args.allow_refusal else 1
     print(f"exported {record['file']} sha256={record['sha256'][:16]}... opset {record['opset']} "
           f"parity max|diff|={record['parity']['max_abs_diff']:.2e} (<= {record['parity']['atol']:g})")
     return 0

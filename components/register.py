@@ -1,11 +1,17 @@
 """Step ``register`` and the commands ``promote`` / ``rollback``: the MLflow model registry.
 
-* ``register``: logs the exported ONNX generator (``mlflow.onnx.log_model``, a directory
-  with ``model.onnx``) as a new version of ``registry.model_name`` in a run that holds the
-  evaluation metrics, tags the version (``onnx_sha256``, ``classes``, ``z_dim``,
-  ``img_resolution``, ``img_channels``, ``variant``, ``git_commit``, ``data_md5``,
-  ``params_digest``, ``gate``, ``classifier_version``) and points alias ``candidate`` at it.
-  The domain classifier ONNX is registered beside it as ``registry.classifier_name``.
+* ``register``: when the evaluation gate failed (or the export was refused) registers nothing and
+  records the refusal in ``register.json`` (``{"registered": false, "refused": true, "reason": ...}``,
+  and a ``model_card.md`` saying so; the CLI exits 0 with ``--allow-refusal``, as DVC runs it,
+  else 1). Otherwise it logs the exported ONNX generator (``mlflow.onnx.log_model``, a directory
+  with ``model.onnx``, a signature and an input example read from its graph) as a new version
+  of ``registry.model_name``, then the evaluation metrics against that logged model (MLflow 3
+  links them), tags the version (``onnx_sha256``, ``classes``, ``z_dim``, ``img_resolution``,
+  ``img_channels``, ``variant``, ``train_run_id``, ``git_commit``, ``data_md5``,
+  ``params_digest``, ``gate``, ``gate_level``, ``gate_release_passed``, ``classifier_version``,
+  ``model_card``), sets the generated model card (:mod:`radsynth.model_card`) as its
+  description and points alias ``candidate`` at it. The domain classifier ONNX is registered
+  beside it as ``registry.classifier_name``.
 * ``promote``: moves ``champion`` to a version (default: the ``candidate``) only when its
   gate passed, and says why it refuses otherwise; the classifier's ``champion`` follows, and so
   does the encoder's (the newest encoder trained against that exact generator ONNX).
@@ -55,37 +61,141 @@ def _read(path: Path, what: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _log_onnx(onnx_path: Path, name: str):
+_NP_DTYPES = {1: "float32", 6: "int32", 7: "int64", 2: "uint8", 10: "float16", 11: "float64"}
+
+
+def onnx_signature(onnx_path: str | Path, rows: int = 2):
+    """The MLflow signature and a small valid input example of an ONNX model, read from its graph.
+
+    Batch axes (and any other dynamic axis) are ``-1`` in the signature. The example has
+    ``rows`` items: ``z`` from :func:`radsynth.latent.z_from_seed` (seed 0), integer inputs
+    (``class``) counting through the model's classes, other float inputs (images) in [-1, 1].
+
+    Returns:
+        ``(ModelSignature, {input name: array})``.
+    """
+    import numpy as np
+    import onnx
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from radsynth.latent import z_from_seed
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    num_classes = max(1, len(json.loads(meta.get("classes", "[]")) or [0]))
+    initializers = {init.name for init in model.graph.initializer}
+
+    def dims(value) -> tuple[int, ...]:
+        return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
+
+    def spec(value) -> TensorSpec:
+        elem = value.type.tensor_type.elem_type
+        if elem not in _NP_DTYPES:
+            raise RegistryError(f"{onnx_path}: tensor {value.name!r} has an ONNX type ({elem}) MLflow signatures do not cover")
+        return TensorSpec(np.dtype(_NP_DTYPES[elem]), (-1, *dims(value)[1:]), value.name)
+
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    example = {}
+    for value in inputs:
+        shape = (rows, *(d if d > 0 else 1 for d in dims(value)[1:]))
+        dtype = np.dtype(_NP_DTYPES.get(value.type.tensor_type.elem_type, "float32"))
+        if dtype.kind in "iu":
+            example[value.name] = (np.arange(int(np.prod(shape))) % num_classes).reshape(shape).astype(dtype)
+        elif value.name == "z" and len(shape) == 2:
+            example[value.name] = z_from_seed(0, rows, shape[1]).astype(dtype)
+        else:
+            example[value.name] = np.random.default_rng(0).uniform(-1, 1, shape).astype(dtype)
+    signature = ModelSignature(inputs=Schema([spec(v) for v in inputs]), outputs=Schema([spec(v) for v in model.graph.output]))
+    return signature, example
+
+
+def log_onnx_model(onnx_path: str | Path, name: str):
+    """Log an ONNX file as an MLflow model (signature + input example from its graph) and register it as ``name``.
+
+    Returns:
+        MLflow's ``ModelInfo`` (``model_id``, ``registered_model_version``).
+    """
     import mlflow
     import onnx
 
+    signature, example = onnx_signature(onnx_path)
     return mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name,
+                                 signature=signature, input_example=example,
                                  pip_requirements=["onnx", "onnxruntime"], save_as_external_data=False)
 
 
-def register(params: Params, export_dir: str | Path | None = None, eval_dir: str | Path | None = None) -> dict:
+def training_lineage(train_dir: Path, generator_sha256: str | None) -> dict:
+    """The training run behind an exported generator: ``train_run_id``, kimg, seconds, device.
+
+    Read from ``<train_dir>/G_ema.json`` (and ``train.json``) only when that ``G_ema`` is the
+    one exported (its sha256 equals ``export.json``'s ``generator_sha256``); otherwise unknown.
+    """
+    sidecar = train_dir / "G_ema.json"
+    if not sidecar.is_file():
+        return {}
+    meta = json.loads(sidecar.read_text())
+    if generator_sha256 and meta.get("sha256") != generator_sha256:
+        return {}
+    summary = json.loads((train_dir / "train.json").read_text()) if (train_dir / "train.json").is_file() else {}
+    return {"train_run_id": str(meta.get("train_run_id") or summary.get("mlflow_run_id") or "unknown"),
+            "kimg": meta.get("kimg", summary.get("kimg")), "seconds": summary.get("seconds"), "device": summary.get("device")}
+
+
+def _known(*values) -> str:
+    return next((str(v) for v in values if v not in (None, "", "unknown")), "unknown")
+
+
+def register(params: Params, export_dir: str | Path | None = None, eval_dir: str | Path | None = None,
+             dataset_dir: str | Path | None = None, train_dir: str | Path | None = None) -> dict:
     """Register the exported generator (and the domain classifier) as new ``candidate`` versions.
+
+    The registration run logs the ONNX models first (signature + input example), then the
+    evaluation metrics against the generator's logged model (MLflow 3 links them), the reports
+    and the model card. The version gets the lineage tags (``train_run_id``, ``data_md5``,
+    ``git_commit``, ``params_digest``), the gate's verdict and level (``gate``, ``gate_level``,
+    ``gate_release_passed``) and the model card as its description.
 
     Args:
         params: resolved config (``registry`` names, ``paths.mlflow_uri``).
         export_dir: folder with ``generator.onnx`` + ``export.json`` (default ``<artifacts>/export``).
         eval_dir: folder with ``metrics.json``, ``gate.json``, ``evaluate.json``, ``classifier.onnx``
-            (default ``<artifacts>/evaluate``).
+            and optionally ``calibration.json`` (default ``<artifacts>/evaluate``).
+        dataset_dir: the prepared dataset, for the card's counts (default ``<artifacts>/dataset``; optional).
+        train_dir: the training folder, for the training run (default ``<artifacts>/train``; optional).
 
     Returns:
-        ``{"model": name, "version": int, "gate": "passed"|"failed", "run_id": ..., "classifier_version": int}``.
+        ``{"model": name, "version": int, "gate": "passed"|"failed", "gate_level": ..., "run_id": ...,
+        "classifier_version": int, "model_card": artefact URI, ...}`` (also ``<artifacts>/register/register.json``).
     """
+    import tempfile
+
     import mlflow
 
     from radsynth import metric_keys as mk
-    from radsynth.io import sha256_file, write_json
+    from radsynth import model_card
+    from radsynth.io import atomic_write_text, sha256_file, write_json
     from radsynth.tracking import provenance
 
     _quiet()
     art = Path(params.paths.artifacts)
     export_dir = Path(export_dir or art / "export")
     eval_dir = Path(eval_dir or art / "evaluate")
+    dataset_dir = Path(dataset_dir or art / "dataset")
+    train_dir = Path(train_dir or art / "train")
+    from components.evaluate import refusal
+
+    refused = refusal(eval_dir, STEP)
     record = _read(export_dir / "export.json", "export")
+    if refused is None and record.get("refused"):
+        refused = {**record, "step": STEP}
+    if refused is not None:
+        out = {**refused, "registered": False}
+        write_json(art / STEP / "register.json", out)
+        atomic_write_text(art / STEP / model_card.CARD_FILE,
+                          f"# Not registered\n\nNothing was registered: {out['reason']}\n")
+        (art / STEP / model_card.GRID_FILE).unlink(missing_ok=True)
+        return out
     onnx_path = export_dir / record.get("file", "generator.onnx")
     if not onnx_path.is_file():
         raise RegistryError(f"{onnx_path}: missing; run `radsynth export` first")
@@ -100,48 +210,81 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
         raise RegistryError(f"{eval_dir} evaluated generator {evaluated[:12]}..., but {export_dir} exported "
                             f"{record['generator_sha256'][:12]}...; evaluate the exported generator before registering it")
     meta = record.get("metadata", {})
+    classes = json.loads(meta.get("classes", "[]"))
     prov = provenance(params)
-    verdict = "passed" if gate.get("passed") else "failed"
+    trained = training_lineage(train_dir, record.get("generator_sha256"))
+    level = model_card.gate_level(gate)
+    lineage = {
+        "train_run_id": _known(meta.get("train_run_id"), (summary.get("generator") or {}).get("train_run_id"), trained.get("train_run_id")),
+        "git_commit": prov["git_commit"],
+        "data_md5": _known(meta.get("data_md5"), prov["data_md5"]),
+        "params_digest": _known(meta.get("params_digest"), prov["params_digest"]),
+        "data_identity": str((summary.get("protocol") or {}).get("data_identity", "")),
+    }
     tags = {
         "onnx_sha256": sha, "classes": meta.get("classes", "[]"), "z_dim": meta.get("z_dim", ""),
         "img_resolution": meta.get("img_resolution", ""), "img_channels": meta.get("img_channels", ""),
-        "variant": meta.get("variant", "unknown"), "git_commit": prov["git_commit"],
-        "data_md5": meta.get("data_md5") if meta.get("data_md5") not in (None, "", "unknown") else prov["data_md5"],
-        "params_digest": meta.get("params_digest") if meta.get("params_digest") not in (None, "", "unknown") else prov["params_digest"],
-        "gate": verdict, "gate_failed": json.dumps(gate.get("failed", [])), "opset": str(record.get("opset", "")),
-        "profile": params.profile,
+        "variant": meta.get("variant", "unknown"), **{k: lineage[k] for k in ("train_run_id", "git_commit", "data_md5", "params_digest")},
+        "gate": level.verdict, "gate_level": level.level, "gate_release_passed": level.release_passed,
+        "gate_failed": json.dumps(gate.get("failed", [])), "opset": str(record.get("opset", "")),
+        "profile": params.profile, "display_names": json.dumps({c: params.display_name(c) for c in classes}),
     }
+    counts = model_card.counts_per_condition(dataset_dir) if (dataset_dir / "dataset.json").is_file() else None
+    calibration = model_card.read_optional_json(eval_dir / "calibration.json")
     client = _client(params)
     name, clf_name = params.registry.model_name, params.registry.classifier_name
-    with mlflow.start_run(run_name=f"{STEP}-{name}", nested=mlflow.active_run() is not None) as run:
+    card_dir = art / STEP
+    with mlflow.start_run(run_name=f"{STEP}-{name}", nested=mlflow.active_run() is not None) as run, \
+            tempfile.TemporaryDirectory(prefix="radsynth-card-") as tmp:
         mlflow.set_tags({**tags, "step": STEP})
-        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        mlflow.log_metrics(finite)
-        for f in ("gate.json", "gate.md", "evaluate.json", "metrics.json"):
+        for f in ("gate.json", "gate.md", "evaluate.json", "metrics.json", "calibration.json"):
             if (eval_dir / f).is_file():
                 mlflow.log_artifact(str(eval_dir / f), artifact_path="evaluate")
         mlflow.log_artifact(str(export_dir / "export.json"), artifact_path="export")
         mlflow.log_dict(params.to_dict(), "params.yaml")
         clf_version = None
         if (eval_dir / "classifier.onnx").is_file():
-            clf_info = _log_onnx(eval_dir / "classifier.onnx", clf_name)
+            clf_info = log_onnx_model(eval_dir / "classifier.onnx", clf_name)
             clf_version = int(clf_info.registered_model_version)
+            mlflow.log_metrics({k: float(metrics[k]) for k in metrics if k.startswith(mk.REAL_ACC) and _finite(metrics[k])},
+                               model_id=clf_info.model_id)
             clf_tags = {"onnx_sha256": sha256_file(eval_dir / "classifier.onnx"), "classes": meta.get("classes", "[]"),
-                        "real_acc": str(metrics.get(mk.REAL_ACC)), "data_identity": summary.get("protocol", {}).get("data_identity", ""),
-                        "git_commit": prov["git_commit"]}
+                        "real_acc": str(metrics.get(mk.REAL_ACC)), "data_identity": lineage["data_identity"],
+                        "git_commit": prov["git_commit"], "train_run_id": lineage["train_run_id"]}
             for k, v in clf_tags.items():
                 client.set_model_version_tag(clf_name, str(clf_version), k, v)
             client.set_registered_model_alias(clf_name, params.registry.candidate_alias, str(clf_version))
-        info = _log_onnx(onnx_path, name)
-    version = int(info.registered_model_version)
-    for k, v in {**tags, "run_id": run.info.run_id, "classifier_version": str(clf_version or "")}.items():
+        # The model first, then its metrics: MLflow 3 links metrics logged with its model_id to it.
+        info = log_onnx_model(onnx_path, name)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _finite(v)}, model_id=info.model_id)
+        version = int(info.registered_model_version)
+        grid = Path(tmp) / model_card.GRID_FILE
+        model_card.sample_grid(onnx_path, classes, params.registry.card_grid_per_class, params.registry.card_grid_seed, grid,
+                               [params.display_name(c) for c in classes])
+        card_args = dict(name=name, version=version, lineage=lineage, export_record=record, gate=gate, metrics=metrics,
+                         classes=classes, counts=counts, train_summary=trained or None, calibration=calibration)
+        card = model_card.render(params, **card_args)
+        (Path(tmp) / model_card.CARD_FILE).write_text(card)
+        mlflow.log_artifacts(tmp, artifact_path="model_card")
+        card_uri = f"runs:/{run.info.run_id}/model_card/{model_card.CARD_FILE}"
+        atomic_write_text(card_dir / model_card.CARD_FILE, card)
+        (card_dir / model_card.GRID_FILE).write_bytes(grid.read_bytes())
+    client.update_model_version(name, str(version), description=model_card.description(
+        card, model_card.render(params, **card_args, compact=True), card_uri))
+    for k, v in {**tags, "run_id": run.info.run_id, "classifier_version": str(clf_version or ""), "model_card": card_uri}.items():
         client.set_model_version_tag(name, str(version), k, str(v))
     client.set_registered_model_alias(name, params.registry.candidate_alias, str(version))
-    out = {"model": name, "version": version, "alias": params.registry.candidate_alias, "gate": verdict,
-           "run_id": run.info.run_id, "onnx_sha256": sha, "classifier": clf_name, "classifier_version": clf_version,
+    out = {"registered": True, "model": name, "version": version, "alias": params.registry.candidate_alias, "gate": level.verdict,
+           "gate_level": level.level, "gate_release_passed": level.release_passed, "run_id": run.info.run_id,
+           "train_run_id": lineage["train_run_id"], "model_id": info.model_id, "onnx_sha256": sha,
+           "classifier": clf_name, "classifier_version": clf_version, "model_card": card_uri,
            "tracking_uri": mlflow.get_tracking_uri()}
-    write_json(art / STEP / "register.json", out)
+    write_json(card_dir / "register.json", out)
     return out
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _history(client, params: Params) -> list[int]:
@@ -268,6 +411,22 @@ def resolve_alias(params: Params, alias: str, model_name: str | None = None,
     Raises:
         RegistryError: no such alias, no ``model.onnx``, or its sha256 differs from the tag.
     """
+    _quiet()
+    client = _client(params)
+    name = model_name or params.registry.model_name
+    version = _alias_version(client, name, alias)
+    if version is None:
+        raise RegistryError(f"models:/{name}@{alias} does not exist; register a model and promote it (radsynth register / promote)")
+    return download_version(params, version, name, dst_dir)
+
+
+def download_version(params: Params, version: int, model_name: str | None = None,
+                     dst_dir: str | Path | None = None) -> tuple[int, Path, dict[str, str]]:
+    """Download one registered version's ONNX and verify its sha256 (see :func:`resolve_alias`).
+
+    Raises:
+        RegistryError: no such version, no ``model.onnx``, or its sha256 differs from the tag.
+    """
     import mlflow
 
     from radsynth.io import sha256_file
@@ -275,10 +434,7 @@ def resolve_alias(params: Params, alias: str, model_name: str | None = None,
     _quiet()
     client = _client(params)
     name = model_name or params.registry.model_name
-    version = _alias_version(client, name, alias)
-    if version is None:
-        raise RegistryError(f"models:/{name}@{alias} does not exist; register a model and promote it (radsynth register / promote)")
-    mv = client.get_model_version(name, str(version))
+    mv = _version(client, name, int(version))
     dst = Path(dst_dir or Path(params.paths.artifacts) / "registry" / f"{name}-v{version}")
     dst.mkdir(parents=True, exist_ok=True)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
@@ -305,6 +461,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     elif command == STEP:
         parser.add_argument("--export-dir", default=None, help="folder with generator.onnx + export.json (default <artifacts>/export)")
         parser.add_argument("--eval-dir", default=None, help="folder with the gate reports (default <artifacts>/evaluate)")
+        parser.add_argument("--dataset-dir", default=None, help="prepared dataset, for the model card's counts (default <artifacts>/dataset)")
+        parser.add_argument("--train-dir", default=None, help="training folder, for the training run's id (default <artifacts>/train)")
+        parser.add_argument("--allow-refusal", action="store_true", help="exit 0 when a failed gate refuses registration (DVC runs it so)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -321,29 +480,42 @@ def run(args: argparse.Namespace) -> int:
         out = rollback(params)
         print(f"{out['model']}@{params.registry.champion_alias} rolled back to v{out['champion']} (was v{out['rolled_back_from']})")
     else:
-        out = register(params, args.export_dir, args.eval_dir)
-        print(f"registered {out['model']} v{out['version']} @{out['alias']} (gate {out['gate']}); "
-              f"classifier {out['classifier']} v{out['classifier_version']}")
+        out = register(params, args.export_dir, args.eval_dir, args.dataset_dir, args.train_dir)
+        if not out.get("registered"):
+            print(f"registration refused, nothing registered: {out['reason']}")
+            return 0 if args.allow_refusal else 1
+        print(f"registered {out['model']} v{out['version']} @{out['alias']} (gate {out['gate']}, level {out['gate_level']}); "
+              f"classifier {out['classifier']} v{out['classifier_version']}; model card {out['model_card']}")
     return 0
 
 
 # --------------------------------------------------------------------------------------
 # Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
 # --------------------------------------------------------------------------------------
-from kfp.dsl import Artifact, Input, Model  # noqa: E402
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Model, Output  # noqa: E402
 
 from pipelines.component import step_component  # noqa: E402
 
 
 @step_component
-def register_component(profile: str, overrides: list, promote: bool, evaluation: Input[Artifact], onnx: Input[Model]) -> str:
-    """KFP: register the ONNX generator as ``candidate``; with ``promote``, move ``champion`` to it."""
+def register_component(profile: str, overrides: list, promote: bool, evaluation: Input[Artifact], onnx: Input[Model],
+                       dataset: Input[Dataset], checkpoint: Input[Model], model_card: Output[Markdown]) -> str:
+    """KFP: register the ONNX generator as ``candidate``; with ``promote``, move ``champion`` to it.
+
+    The model card is also this task's Markdown output, so the run page shows it.
+    """
+    import os
+    import shutil
+
     from components.register import promote as promote_version
     from components.register import register
     from pipelines.workspace import step_workspace
 
-    with step_workspace(profile, overrides, inputs={"evaluate": evaluation.path, "export": onnx.path}) as ws:
+    inputs = {"evaluate": evaluation.path, "export": onnx.path, "dataset": dataset.path, "train": checkpoint.path}
+    with step_workspace(profile, overrides, inputs=inputs) as ws:
         record = register(ws.params)
+        os.makedirs(os.path.dirname(model_card.path), exist_ok=True)
+        shutil.copyfile(ws.root / "register" / "model_card.md", model_card.path)
         print(f"registered {record['model']} version {record['version']} (@{record['alias']}, gate {record['gate']})")
         if promote:
             promote_version(ws.params, int(record["version"]))

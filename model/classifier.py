@@ -1,10 +1,12 @@
 """The domain classifier: a small CNN trained on the real training split.
 
-It serves four purposes in the evaluation: its penultimate features are the "domain"
-feature space of ``fid_domain`` / ``kid_domain`` / precision / recall / feature-space
-memorisation (registered with torch-fidelity as a feature extractor), its softmax gives the
-condition accuracy and confidence of generated images, and the same recipe trained on
-generated images gives train-synthetic-test-real (TSTR). It is exported to ONNX (input
+It is the judge of the evaluation: its penultimate features are the "domain" feature space of
+``fid_domain`` / ``kid_domain`` / precision / recall / feature-space memorisation (registered
+with torch-fidelity as a feature extractor), its softmax gives the condition accuracy and
+confidence of generated images, and the same recipe trained on generated images gives
+train-synthetic-test-real (TSTR). It trains at the dataset's full resolution with light
+augmentation (shifts, zoom, contrast; no flips) to convergence, early-stopped on the real
+validation split (:func:`train_classifier`). It is exported to ONNX (input
 ``image`` [N, C, H, W] float32 in [-1, 1], output ``logits`` [N, num_classes]) and registered
 as ``radsynth-classifier`` so the web page can show a confidence next to each image.
 
@@ -14,6 +16,7 @@ loading never unpickles anything.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -30,6 +33,8 @@ from radsynth.errors import RadsynthError
 
 DOMAIN_EXTRACTOR = "radsynth-domain"     # torch-fidelity feature extractor name
 FEATURE_LAYER = "penultimate"            # features used by FID/KID/PRC
+ARCH_VERSION = 2                         # bump when the network or its training changes (invalidates caches)
+MIN_STEPS_PER_EPOCH = 20                 # a training set smaller than 20 batches is passed over more than once per epoch
 _META_KEY = "radsynth_classifier"
 
 
@@ -39,16 +44,22 @@ class ClassifierSpec:
 
     num_classes: int                     # output logits
     img_channels: int                    # input channels
-    img_resolution: int                  # input height = width, power of two >= 4
-    width: int = 32                      # channels of the first conv; doubles per level, capped at 4x
-    work_resolution: int = 32            # inputs above this are average-pooled down to it first (CPU cost)
+    img_resolution: int                  # input height = width, power of two >= 8
+    width: int = 32                      # channels after the stem; doubles per halving, capped at 4x
+    depth: int = 2                       # conv layers per resolution level (the first strided)
+
+
+def _norm(channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels)
 
 
 class DomainClassifier(nn.Module):
-    """Conv blocks that halve the resolution down to 4x4, global average pool, linear head.
+    """A small CNN that sees every pixel: a strided 4x4 stem, then conv levels down to 4x4.
 
-    Inputs larger than ``spec.work_resolution`` are average-pooled to it first: the
-    features need the conditions' structure, not every pixel, and this keeps CPU training short.
+    Nothing is downscaled before the network: the stem is a learned stride-2 convolution over
+    the full-resolution input, so blur, checkerboards and fine texture stay visible to it.
+    Each level halves the resolution with a strided 3x3 conv and adds ``depth - 1`` more 3x3
+    convs (batch norm, leaky ReLU); global average pooling gives the features.
 
     ``features(x)`` returns the pooled penultimate activations ``[N, feature_dim]``;
     ``forward(x)`` returns the logits ``[N, num_classes]``. Input: float32 in [-1, 1].
@@ -57,18 +68,18 @@ class DomainClassifier(nn.Module):
     def __init__(self, spec: ClassifierSpec):
         super().__init__()
         res = spec.img_resolution
-        if res < 4 or res & (res - 1):
-            raise RadsynthError(f"classifier resolution must be a power of two >= 4, got {res}")
+        if res < 8 or res & (res - 1):
+            raise RadsynthError(f"classifier resolution must be a power of two >= 8, got {res}")
         self.spec = spec
-        work = min(res, max(4, spec.work_resolution))
-        layers: list[nn.Module] = [nn.AvgPool2d(res // work)] if work < res else []
-        layers += [nn.Conv2d(spec.img_channels, spec.width, 3, padding=1), nn.LeakyReLU(0.2)]
-        ch, res = spec.width, work
+        layers: list[nn.Module] = [nn.Conv2d(spec.img_channels, spec.width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        ch, res = spec.width, res // 2
         while res > 4:
             out = min(ch * 2, spec.width * 4)
-            layers += [nn.AvgPool2d(2), nn.Conv2d(ch, out, 3, padding=1), nn.GroupNorm(min(8, out), out), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(ch, out, 3, stride=2, padding=1), _norm(out), nn.LeakyReLU(0.2)]
+            for _ in range(spec.depth - 1):
+                layers += [nn.Conv2d(out, out, 3, padding=1), _norm(out), nn.LeakyReLU(0.2)]
             ch, res = out, res // 2
-        layers += [nn.Conv2d(ch, ch, 3, padding=1), nn.LeakyReLU(0.2)]
+        layers += [nn.Conv2d(ch, ch, 3, padding=1), _norm(ch), nn.LeakyReLU(0.2)]
         self.body = nn.Sequential(*layers)
         self.feature_dim = ch
         self.head = nn.Linear(ch, spec.num_classes)
@@ -89,37 +100,79 @@ def _as_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.float()
 
 
+def augment(x: torch.Tensor, gen: torch.Generator, shift: float, scale: float, contrast: float) -> torch.Tensor:
+    """Light augmentation of a batch ``[N, C, H, W]`` in [-1, 1]: small shifts and zoom, contrast and
+    brightness; never flips (the heart is on the left). Border pixels are repeated at the edges."""
+    n = x.shape[0]
+    if shift > 0 or scale > 0:
+        zoom = 1 + (torch.rand(n, generator=gen) * 2 - 1) * scale
+        move = (torch.rand(n, 2, generator=gen) * 2 - 1) * shift * 2  # fraction of the side -> [-1, 1] grid units
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = zoom
+        theta[:, :, 2] = move
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if contrast > 0:
+        gain = 1 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * contrast
+        offset = (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * contrast / 2
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * gain + mean + offset).clamp(-1, 1)
+    return x
+
+
+def balanced_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[float, list[float]]:
+    """Mean of the per-class recalls over the classes present, and the per-class recalls (NaN when absent)."""
+    per = [float((pred[labels == i] == i).mean()) if (labels == i).any() else float("nan") for i in range(num_classes)]
+    present = [a for a in per if np.isfinite(a)]
+    return (float(np.mean(present)) if present else float("nan")), per
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingRecord:
+    """How a classifier's training went (stored beside the judge's weights)."""
+
+    epochs: int                          # epochs run
+    best_epoch: int                      # epoch whose weights were kept (1-based)
+    val_balanced_acc: float              # at the best epoch (NaN when no validation set was given)
+    stopped_early: bool                  # stopped by patience before max_epochs
+    steps: int                           # optimiser steps
+    seconds: float                       # wall time
+
+
 def train_classifier(
     images: np.ndarray,
     labels: np.ndarray,
     num_classes: int,
-    steps: int = 400,
-    width: int = 32,
-    work_resolution: int = 32,
-    lr: float = 2e-3,
-    batch_size: int = 64,
+    recipe,
     seed: int = 0,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
     progress: bool = False,
-) -> DomainClassifier:
-    """Train the classifier recipe on images with labels (deterministic for a seed on CPU).
+) -> tuple[DomainClassifier, TrainingRecord]:
+    """Train the classifier recipe to convergence, early-stopped on a real validation split.
+
+    Deterministic for a seed on CPU (same thread count): initialisation, order, augmentation.
 
     Args:
         images: uint8 ``[N, C, H, W]`` (or float in [-1, 1]).
         labels: int ``[N]`` class indices.
         num_classes: number of classes.
-        steps: optimiser steps (minibatches drawn by reshuffled passes over the data).
-        width: first-conv channels.
-        work_resolution: inputs are average-pooled down to this resolution first.
-        lr: Adam learning rate.
-        batch_size: minibatch size.
-        seed: seeds initialisation and shuffling.
-        progress: show a tqdm bar.
+        recipe: a :class:`radsynth.config.JudgeConfig` (width, depth, epochs, patience, lr,
+            batch, augmentation).
+        seed: seeds initialisation, shuffling and augmentation.
+        val: ``(images, labels)`` of the real validation split; the weights of the epoch with
+            the best balanced accuracy on it are kept, the learning rate halves after
+            ``patience // 2`` epochs without progress and training stops after ``patience``.
+            ``None``: ``max_epochs`` epochs, last weights.
+        progress: show a tqdm bar (one tick per epoch).
 
     Returns:
-        The trained classifier in eval mode.
+        ``(classifier in eval mode, TrainingRecord)``.
     """
+    import time
+
     from tqdm import tqdm
 
+    t0 = time.perf_counter()
     images = np.asarray(images)
     labels = np.asarray(labels, dtype=np.int64)
     if images.ndim != 4 or images.shape[0] != labels.shape[0] or images.shape[0] == 0:
@@ -127,27 +180,68 @@ def train_classifier(
     gen = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        model = DomainClassifier(ClassifierSpec(num_classes, images.shape[1], images.shape[2], width, work_resolution))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+        model = DomainClassifier(ClassifierSpec(num_classes, images.shape[1], images.shape[2], recipe.width, recipe.depth))
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     x_all = _as_float(images)  # [N, C, H, W]
     y_all = torch.as_tensor(labels)
     # Class-balanced loss weights: the sample's classes are unbalanced (2:1).
     counts = torch.bincount(y_all, minlength=num_classes).float().clamp(min=1)
     weight = counts.sum() / (num_classes * counts)
-    model.train()
     n = x_all.shape[0]
-    batch_size = max(2, min(batch_size, n))
+    batch = max(2, min(recipe.batch, n))
+    steps_per_epoch = max(MIN_STEPS_PER_EPOCH, -(-n // batch))
+    # The weights judged and kept are an exponential moving average of the trained ones (smoother
+    # from epoch to epoch, so early stopping picks a less accidental epoch); buffers are copied.
+    # The decay warms up as min(ema, (1 + t) / (10 + t)), so short runs on small sets move too.
+    ema = copy.deepcopy(model).requires_grad_(False) if recipe.ema > 0 else model
+    best, best_state, best_epoch, stale, steps, epoch = -1.0, None, 0, 0, 0, 0
     order, pos = torch.randperm(n, generator=gen), 0
-    for _ in tqdm(range(steps), desc="classifier", unit="step", disable=not progress, leave=False):
-        if pos + batch_size > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + batch_size]
-        pos += batch_size
-        loss = F.cross_entropy(model(x_all[idx]), y_all[idx], weight=weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.eval()
+    bar = tqdm(total=recipe.max_epochs, desc="classifier", unit="epoch", disable=not progress, leave=False)
+    for epoch in range(1, recipe.max_epochs + 1):
+        model.train()
+        for _ in range(steps_per_epoch):
+            if pos + batch > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            idx = order[pos:pos + batch]
+            pos += batch
+            xb = augment(x_all[idx], gen, recipe.shift, recipe.scale, recipe.contrast)
+            loss = F.cross_entropy(model(xb), y_all[idx], weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if ema is not model:
+                decay = min(recipe.ema, (1 + steps) / (10 + steps))
+                with torch.no_grad():
+                    for pe, p in zip(ema.parameters(), model.parameters()):
+                        pe.lerp_(p, 1.0 - decay)
+                    for be, b in zip(ema.buffers(), model.buffers()):
+                        be.copy_(b)
+        bar.update()
+        if val is None:
+            continue
+        score = balanced_accuracy(predict_proba(ema, val[0]).argmax(1), np.asarray(val[1]), num_classes)[0]
+        bar.set_postfix(val_bal_acc=f"{score:.3f}")
+        if score > best:
+            best, best_epoch, stale = score, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
+        else:
+            stale += 1
+            if stale == max(1, recipe.patience // 2):
+                for group in opt.param_groups:
+                    group["lr"] *= 0.5
+            if stale >= recipe.patience:
+                break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        if ema is not model:
+            model.load_state_dict(ema.state_dict())
+        best_epoch, best = epoch, float("nan")
+    record = TrainingRecord(epochs=epoch, best_epoch=best_epoch, val_balanced_acc=float(best),
+                            stopped_early=epoch < recipe.max_epochs, steps=steps, seconds=round(time.perf_counter() - t0, 2))
+    return model.eval(), record
 
 
 @torch.no_grad()

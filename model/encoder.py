@@ -127,9 +127,9 @@ def train_encoder(
 
 @torch.no_grad()
 def reconstruction_report(E: nn.Module, G: nn.Module, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> ReconstructionReport:
-    """MSE and SSIM of ``G(E(x), c)`` against ``x`` on held-out images, with a random-z baseline."""
-    from skimage.metrics import structural_similarity
-
+    """MSE and SSIM (:mod:`model.ssim`, the evaluation's definition) of ``G(E(x), c)`` against ``x``
+    on held-out images, with a random-z baseline."""
+    from model.ssim import ssim
     from radsynth.latent import z_from_seed
 
     device = next(G.parameters()).device
@@ -140,15 +140,8 @@ def reconstruction_report(E: nn.Module, G: nn.Module, images: np.ndarray, labels
     rand = torch.cat([G(z_rand[i:i + 64], c[i:i + 64]) for i in range(0, len(x), 64)]).cpu()
     x = x.cpu()
 
-    side = x.shape[-1]
-    win = min(7, side if side % 2 else side - 1)
-
     def mean_ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(np.mean([
-            structural_similarity(a[i].numpy().transpose(1, 2, 0), b[i].numpy().transpose(1, 2, 0),
-                                  data_range=2.0, channel_axis=2, win_size=win)
-            for i in range(len(a))
-        ]))
+        return float(np.mean(ssim(a.clamp(-1, 1).numpy(), b.numpy())))
 
     return ReconstructionReport(
         mse=float(F.mse_loss(recon, x)),

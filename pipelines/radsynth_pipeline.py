@@ -1,10 +1,11 @@
-"""The Kubeflow pipeline: ingest -> preprocess -> validate -> train (one task per stage) -> gate -> export -> register.
+"""The Kubeflow pipeline: ingest -> preprocess -> validate -> train (one task per stage) -> gate -> export -> register -> synthesize.
 
 Task names equal the step names of ``dvc.yaml`` and ``components/`` (the training stages
 are ``train``, ``train-2``, ... with display names ``train-<resolution>``). Each training
 stage is its own task that takes the previous stage's checkpoint as an input artefact, so a
 cluster can give each stage the GPUs it needs and a failed stage resumes from the last one.
-Export and registration run only under ``dsl.If`` on the gate's verdict.
+Export, registration and synthesis run only under ``dsl.If`` on the gate's verdict; the
+synthesis task makes a synthetic dataset from exactly the version registered.
 
 The stage list comes from the params the pipeline is built with, so a pipeline is compiled
 for one profile (``radsynth pipeline compile --profile gpu`` writes the committed IR).
@@ -22,7 +23,7 @@ from pipelines.component import image_ref
 from radsynth.config import Params, PipelineConfig
 
 PIPELINE_NAME = "radsynth-pipeline"
-STEPS = ("ingest", "preprocess", "validate", "train", "evaluate", "export", "encoder", "register")
+STEPS = ("ingest", "preprocess", "validate", "train", "evaluate", "export", "encoder", "register", "synthesize")
 MLFLOW_ENV = "MLFLOW_TRACKING_URI"
 SALT_KEY = "RADSYNTH_SALT"   # key in the pipeline.salt_secret Secret
 
@@ -92,7 +93,7 @@ def build_pipeline(params: Params) -> Callable:
     stages = stage_resolutions(params)
     raw_default = cfg.data_mount if cfg.data_pvc else params.paths.raw
     image = image_ref(cfg)
-    ingest_c, preprocess_c, validate_c, train_c, evaluate_c, export_c, encoder_c, register_c = (
+    ingest_c, preprocess_c, validate_c, train_c, evaluate_c, export_c, encoder_c, register_c, synthesize_c = (
         component(s, image) for s in STEPS)
 
     @dsl.pipeline(
@@ -142,10 +143,13 @@ def build_pipeline(params: Params) -> Callable:
             encoder = encoder_c(register=True, dataset=dataset, checkpoint=checkpoint, onnx=export.outputs["onnx"], **common)
             _train_resources(encoder, cfg)
             _tracking(encoder, cfg)
-            register = register_c(promote=promote, evaluation=evaluate.outputs["evaluation"],
-                                  onnx=export.outputs["onnx"], **common)
+            register = register_c(promote=promote, evaluation=evaluate.outputs["evaluation"], onnx=export.outputs["onnx"],
+                                  dataset=dataset, checkpoint=checkpoint, **common)
             register.after(encoder)  # promotion moves the encoder's champion with the generator's
             _limits(register, cfg.step_cpu, cfg.step_memory, cfg)
             _tracking(register, cfg)
+            synthesize = synthesize_c(version=register.outputs["Output"], **common)
+            _limits(synthesize, cfg.step_cpu, cfg.step_memory, cfg)
+            _tracking(synthesize, cfg)
 
     return radsynth_pipeline

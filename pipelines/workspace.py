@@ -76,7 +76,7 @@ def overrides_from(values: Sequence[str] | None) -> list[str]:
     out = []
     for item in values or []:
         if not isinstance(item, str) or "=" not in item:
-            raise RadsynthError(f"pipeline override {item!r}: expected key=value, e.g. train.seed=3")
+            raise RadsynthError(f"pipeline override {item!r}: expected key=value, e.g. train.lr_g=2e-3")
         out.append(item)
     return out
 

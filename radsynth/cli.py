@@ -22,15 +22,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("components.preprocess", "ingest output -> dataset: progressive levels, patient-level split"),
     "validate": ("components.validate", "Great Expectations suite over the dataset; exit 1 on a failed expectation"),
     "train": ("components.train", "train the conditional GAN (all stages, or one with --stage); resumes from checkpoints"),
-    "evaluate": ("components.evaluate", "metrics of G_ema (FID/KID, SSIM, memorisation, ...) and the gate; exits 1 when it fails"),
+    "evaluate": ("components.evaluate", "metrics of G_ema (FID/KID, SSIM, memorisation, ...), the gate and its calibration; exits 1 when it fails (0 with --allow-fail)"),
     "export": ("components.export", "export G_ema to ONNX, check it and verify ONNX Runtime parity"),
     "register": ("components.register", "register the exported generator in MLflow as @candidate"),
     "promote": ("components.register", "move @champion to a version whose gate passed (default: @candidate)"),
     "rollback": ("components.register", "move @champion back to the previous champion"),
     "encoder": ("components.encoder", "train the image -> z encoder on the frozen G_ema, export ONNX, register it"),
     "serve": ("serving.server", "build the Triton model repository (registry alias or local ONNX) and run tritonserver"),
+    "deploy": ("serving.deploy", "load the registry's @champion into a running Triton (health-checked), unload the old version; no restart"),
     "generate": ("serving.generate", "generate images from a running server as PNG or synthetic DICOM; --check verifies it"),
+    "synthesize": ("components.synthesize", "a bulk synthetic dataset (N per condition or a mix) from a registry alias through Triton, with manifest + datasheet"),
     "web": ("serving.web.server", "run the web app (gunicorn) against Triton and the registry; prints its URL"),
+    "study": ("serving.study", "reader study (visual Turing test) of one model version: create | list | report | close | reissue"),
     "pipeline": ("pipelines.cli", "the Kubeflow pipeline: compile | run-local | submit --host URL"),
 }
 
@@ -53,7 +56,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--params", default=None, help="params file (default: ./params.yaml or $RADSYNTH_PARAMS)")
         p.add_argument("--profile", default=None, help="profile overlay: tiny | cpu | gpu (default: params' own or $RADSYNTH_PROFILE)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one param, e.g. --set train.seed=3 (repeatable)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one param, e.g. --set train.lr_g=2e-3 or --set seed=3 (repeatable)")
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
         subparsers[name] = p
     return parser, subparsers

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -142,33 +143,87 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    """`eval.judge:` the domain classifier behind every domain metric, and the recipe of every
+    utility classifier (TSTR, TRTR, augmentation) (owner: model/classifier.py)."""
+
+    width: int = 16                            # channels after the strided stem; doubles per halving, capped at 4x
+    depth: int = 1                             # conv layers per resolution level (the first one strided)
+    max_epochs: int = 40                       # upper bound; training stops early on the real val split
+    patience: int = 6                          # epochs without a better val balanced accuracy before stopping
+    lr: float = 0.002                          # AdamW learning rate; halved after patience // 2 epochs without progress
+    weight_decay: float = 0.0001               # AdamW weight decay
+    batch: int = 64                            # minibatch
+    ema: float = 0.995                         # judged and kept weights: moving average with this decay per step (0: off)
+    shift: float = 0.05                        # augmentation: translation up to this fraction of the side (no flips)
+    scale: float = 0.06                        # augmentation: zoom by up to this fraction
+    contrast: float = 0.15                     # augmentation: contrast x (1 +- this), brightness +- half of it
+
+
+@dataclasses.dataclass(frozen=True)
+class UtilityConfig:
+    """`eval.utility:` TSTR / TRTR and augmentation utility (reported, not gated) (owner: model/utility.py)."""
+
+    enabled: bool = True                       # false: skip the utility classifiers (calibration always skips them)
+    seeds: int = 3                             # classifiers per experiment; mean +- sd over them
+    trtr_tolerance: float = 0.05               # TRTR balanced accuracy must be within this of the judge's, or evaluation fails
+    augment_real_fraction: float = 0.2         # augmentation: stratified share of the real train split (scarcity)
+
+
+@dataclasses.dataclass(frozen=True)
+class GateLevelConfig:
+    """One gate level's thresholds (`eval.gate.release`, `eval.gate.demo`)."""
+
+    max_fid_units: float = 3.0                 # per condition: domain FID / size-matched real reference (mean of the draws)
+    min_cond_acc: float = 0.4                  # per condition: judge accuracy on generated, absolute floor
+    cond_acc_ratio: float = 0.75               # ... and at least this fraction of the judge's accuracy on real test images
+    max_diversity: float = 0.9                 # per condition: MS-SSIM among generated images (collapse)
+    min_recall: float = 0.0                    # per condition: k-NN recall (0 disables)
+    max_memorisation: float = 0.05             # share of generated images closer to training than real test images are
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """`eval.gate:` which level judges this profile, and both levels' thresholds (owner: components/evaluate.py)."""
+
+    level: str = "release"                     # release | demo: the level `passed` is judged at (release is always reported too)
+    release: GateLevelConfig = GateLevelConfig()
+    demo: GateLevelConfig = GateLevelConfig()
+
+    def __post_init__(self):
+        if self.level not in GATE_LEVELS:
+            raise ConfigError(f"eval.gate.level must be one of {', '.join(GATE_LEVELS)}, got {self.level!r}")
+
+    def thresholds(self, level: str | None = None) -> GateLevelConfig:
+        """The thresholds of ``level`` (default: the configured one)."""
+        return getattr(self, level or self.level)
+
+
+GATE_LEVELS = ("release", "demo")                # strictest first
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """`eval:` metrics and the gate thresholds (owner: components/evaluate.py)."""
+    """`eval:` metrics, the judge, utility and the gate (owner: components/evaluate.py)."""
 
     samples_per_class: int = 256               # generated images per condition
-    seed: int = 2026                           # latent seed of the evaluation samples (z_from_seed)
+    seed: int = 2026                           # latent seed of the evaluation samples (z_from_seed); judge seed
     batch_size: int = 64                       # generator / feature-extractor batch
     inception_weights: str = ""                # pt_inception-2015-12-05 file; "": $TORCH_HOME/hub/checkpoints
     kid_subsets: int = 50                      # KID: number of subsets
     kid_subset_size: int = 100                 # KID: subset size (clipped to the smaller sample)
     prc_neighborhood: int = 3                  # k of the k-NN precision/recall
     diversity_pairs: int = 64                  # random pairs per condition for MS-SSIM diversity
-    classifier_steps: int = 400                # domain classifier (and TSTR) optimiser steps
-    classifier_width: int = 32                 # channels of the classifier's first conv
-    classifier_resolution: int = 32            # classifier input is average-pooled to at most this
-    classifier_lr: float = 0.002               # Adam learning rate
-    classifier_batch: int = 64                 # classifier training batch
-    tstr_steps: int = 200                      # TSTR / TRTR classifiers: optimiser steps (same recipe otherwise)
+    reference_draws: int = 5                   # size-matched real reference: draws of train images per condition
     memorisation_percentile: float = 1.0       # test-to-train percentile used as "too close"
-    cache_dir: str = ""                        # real-image features + classifier per data version; "": <artifacts>/cache
-    gate_min_cond_acc: float = 0.5             # per condition: classifier accuracy on generated, absolute floor
-    gate_cond_acc_ratio: float = 0.0           # ... and at least this fraction of its accuracy on real images (0: off)
-    gate_max_fid_ratio: float = 10.0           # per condition: fid_domain <= ratio * max(ref, floor)
-    gate_fid_floor: float = 0.5                # floor of the real-vs-real reference in that ratio
-    gate_max_diversity: float = 0.9            # per condition: MS-SSIM among generated (collapse)
-    gate_min_recall: float = 0.0               # per condition: k-NN recall (0 disables)
-    gate_max_memorisation: float = 0.05        # memorisation share (pixel and feature space)
-    enforce: bool = True                       # CLI exits non-zero when the gate fails
+    memorisation_shift: float = 0.05           # pixel memorisation tolerates shifts up to this fraction of the side (3 px at 64)
+    cache_dir: str = ""                        # judge + real-image features per data version; "": <artifacts>/cache
+    judge: JudgeConfig = JudgeConfig()
+    utility: UtilityConfig = UtilityConfig()
+    gate: GateConfig = GateConfig()
+    calibrate: bool = True                     # run the calibration sets with every evaluation (cached per data + judge + gate)
+    tracking: bool = True                      # log metrics, reports and pictures to an MLflow run
+    enforce: bool = True                       # CLI exits non-zero when the gate fails (DVC passes --allow-fail)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +246,8 @@ class RegistryConfig:
     candidate_alias: str = "candidate"         # set on every new version
     champion_alias: str = "champion"           # what serving resolves; moved only through the gate
     history_tag: str = "champion_history"      # model tag: JSON list of past champion versions
+    card_grid_per_class: int = 8               # model card: samples per condition in its grid (same z in every row)
+    card_grid_seed: int = 7                    # model card: latent seed of that grid (radsynth.latent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +277,8 @@ class ServeConfig:
     retries: int = 3                           # client retries on transient errors (unavailable, timeout)
     backoff_s: float = 0.2                     # first retry delay; doubles each retry
     max_images_per_call: int = 64              # client refuses larger n (also capped by max_batch_size)
+    model_control: str = "explicit"            # tritonserver --model-control-mode: explicit (`radsynth deploy` swaps versions live) | poll | none
+    repository_poll_s: int = 15                # poll mode: seconds between repository scans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +311,21 @@ class WebConfig:
     encoder_prior_weight: float = 0.001        # weight of the latent prior term mean(z**2)
     encoder_channels: int = 64                 # width of the first encoder conv (doubles per halving, capped x8)
     encoder_opset: int = 17                    # ONNX opset of encoder.onnx
+    download_ttl_s: int = 3600                 # an upload-seeded page's download links work this long (and until a restart)
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesizeConfig:
+    """`synthesize:` bulk synthetic datasets through Triton (owner: components/synthesize.py)."""
+
+    alias: str = "champion"                    # registry alias of the generator (--version picks one exactly)
+    per_condition: int = 100                   # images per condition (class-balanced), when total is 0
+    total: int = 0                             # images in all; 0: per_condition x number of conditions
+    mix: dict[str, float] = dataclasses.field(default_factory=dict)  # condition -> share of total ({}: balanced)
+    seed: int = 20250                          # condition k (model class index) uses latent seed seed + k
+    format: str = "png"                        # png | dicom
+    url: str = ""                              # a running Triton (host:port) serving that version; "": start a private one
+    out: str = ""                              # output folder; "": <paths.artifacts>/synthesize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,11 +355,27 @@ class PipelineConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """`study:` the reader study, a visual Turing test (owner: serving/study.py, serving/web/study.py)."""
+
+    dir: str = ""                              # where studies live; "": <paths.artifacts>/studies
+    readers: int = 3                           # default `study create --readers`
+    images: int = 40                           # default `study create --images` (even: half real, half synthetic)
+    seed: int = -1                             # study seed; -1: a fresh one per study (recorded in its manifest)
+    ci_level: float = 0.95                     # confidence level of every interval in the report
+    ci_method: str = "wilson"                  # binomial interval: wilson | exact (Clopper-Pearson)
+    display_px: int = 512                      # study page: default on-screen image size (a whole multiple of its pixels)
+    base_url: str = ""                         # reader links printed by `study create`; "": http://<web.host>:<web.port>
+    log_mlflow: bool = True                    # `study report` tags the model version and logs the report there
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     """The whole resolved configuration."""
 
     profile: str = "cpu"                       # which overlay of ``profiles`` was applied
     seed: int = 1234                           # every random choice derives from this
+    display_names: dict[str, str] = dataclasses.field(default_factory=dict)  # condition code -> name people read (files keep codes)
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
 
@@ -303,7 +393,15 @@ class Params:
 
     web: WebConfig = WebConfig()
 
+    synthesize: SynthesizeConfig = SynthesizeConfig()
+
     pipeline: PipelineConfig = PipelineConfig()
+
+    study: StudyConfig = StudyConfig()
+
+    def display_name(self, condition: str) -> str:
+        """The human-readable name of a condition code (the code itself when none is set)."""
+        return self.display_names.get(condition, condition)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), suitable for YAML/JSON/MLflow."""
@@ -410,7 +508,7 @@ def _resolve_recipe(recipes: dict, name: str, path: Path, seen: tuple[str, ...] 
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key.sub=value`` (value as YAML) from a ``--set`` flag."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.kimg_per_phase=2")
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.lr_g=2e-3")
     key, value = text.split("=", 1)
     return key.strip(), yaml.safe_load(value)
 
@@ -472,6 +570,8 @@ def _coerce(tp: Any, value: Any, key: str, path: Path) -> Any:
         k_tp, v_tp = typing.get_args(tp)
         return {_coerce(k_tp, k, key, path): _coerce(v_tp, v, f"{key}.{k}", path) for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            return float(value)                # YAML 1.1 reads 2e-3 (no dot) as a string; it is a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: {key} must be a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -488,6 +588,10 @@ def _coerce(tp: Any, value: Any, key: str, path: Path) -> Any:
             raise ConfigError(f"{path}: {key} must be a string, got {type(value).__name__} {value!r}")
         return value
     raise ConfigError(f"{path}: {key}: unsupported type {tp!r} in the config schema")
+
+
+# A plain decimal or scientific-notation number (``2e-3``, ``1E+4``, ``.5``): never nan/inf/hex.
+_DECIMAL = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def _closest(name: str, choices: Mapping[str, Any]) -> str | None:

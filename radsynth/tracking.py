@@ -1,9 +1,9 @@
 """MLflow set-up and the provenance every run and model version carries.
 
 Tracking and registry default to SQLite (``paths.mlflow_uri``) with a local artefact root;
-a server URI (``http://...``) is used as given. Provenance: git commit, the pinned data
-version (the md5 in ``data.dvc``), and the params hash. :class:`TrainingTracker` is the
-training run's MLflow side (retried, never fatal).
+a server URI (``http://...``) is used as given. Provenance: git commit (``$RADSYNTH_GIT_COMMIT``
+inside the image), the pinned data version (the md5 in ``data.dvc``), and the params hash.
+:class:`TrainingTracker` is the training run's MLflow side (retried, never fatal).
 """
 
 from __future__ import annotations
@@ -61,8 +61,15 @@ def setup_mlflow(params: Params, experiment: str = EXPERIMENT) -> str:
     return exp_id
 
 
+GIT_COMMIT_ENV = "RADSYNTH_GIT_COMMIT"         # set by infra/Dockerfile (--build-arg GIT_COMMIT=...)
+
+
 def git_commit(cwd: str | os.PathLike = ".") -> str:
-    """The current commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    """The code's commit: ``$RADSYNTH_GIT_COMMIT`` (inside the project image, which holds no
+    ``.git``), else the checkout's HEAD (with ``-dirty`` when the tree has changes), else ``unknown``."""
+    baked = os.environ.get(GIT_COMMIT_ENV, "").strip()
+    if baked and baked != "unknown":
+        return baked
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True).stdout.strip()

@@ -98,6 +98,25 @@ def _server_env(dist: Path | None) -> dict[str, str]:
     return env
 
 
+MODEL_CONTROL = ("explicit", "poll", "none")
+
+
+def model_control_flags(cfg: ServeConfig) -> list[str]:
+    """tritonserver flags for ``serve.model_control``.
+
+    ``explicit`` loads every model of the repository at start and accepts load/unload calls
+    (``radsynth deploy`` swaps a promoted version in without a restart); ``poll`` rescans the
+    repository every ``serve.repository_poll_s`` seconds; ``none`` loads once (Triton's default).
+    """
+    if cfg.model_control == "explicit":
+        return ["--model-control-mode=explicit", "--load-model=*"]
+    if cfg.model_control == "poll":
+        return ["--model-control-mode=poll", f"--repository-poll-secs={max(1, int(cfg.repository_poll_s))}"]
+    if cfg.model_control == "none":
+        return []
+    raise ServerError(f"serve.model_control {cfg.model_control!r}: use one of {', '.join(MODEL_CONTROL)}")
+
+
 def _die_with_parent() -> None:  # runs in the child before exec (Linux only)
     try:
         import ctypes
@@ -151,6 +170,7 @@ class TritonServer:
             f"--metrics-address={self.cfg.host}", f"--metrics-port={self.cfg.metrics_port}",
             "--exit-on-error=true", "--strict-readiness=true", "--disable-auto-complete-config",
             f"--log-verbose={self.cfg.log_verbose}",
+            *model_control_flags(self.cfg),
         ]
         if dist is not None:
             cmd.append(f"--backend-directory={_prepare_backends(dist, self._workdir)}")

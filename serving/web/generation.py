@@ -9,6 +9,12 @@ exactly what ``radsynth generate`` and the Triton client produce for that seed.
 How close the encoder gets: ``G(z0, c)`` for every condition ``c``; the best SSIM against the
 upload is reported as the reconstruction's closeness (the condition of the upload is not
 known, so each is tried).
+
+The one-seed strip: the request's first latent ``z_0`` with every condition, so a reader sees
+what the condition alone changes (the requested condition's tile is image 0).
+
+Downloads are links that regenerate on request (:func:`images`): the same latents and the same
+batch as the page (:func:`batch`), so a file is pixel for pixel the image shown.
 """
 
 from __future__ import annotations
@@ -33,9 +39,16 @@ class Generated:
     index: int
     image: np.ndarray                          # uint8 [C, H, W]
     png: bytes
-    dicom: bytes | None                        # None when synthetic DICOM output is unavailable
     ssim: float | None                         # against the uploaded reference (None: no upload)
     confidence: float | None                   # classifier's probability of the requested condition
+
+
+@dataclasses.dataclass(frozen=True)
+class StripImage:
+    """The request's first latent with one condition (the one-seed strip)."""
+
+    condition: str
+    png: bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +67,7 @@ class Outcome:
     upload_confidence: float | None
     dicom_note: str | None                     # why DICOM download is unavailable, if it is
     classifier_note: str | None                # why confidence is unavailable, if it is
-    zip_bytes: bytes
+    strip: list[StripImage]                    # z_0 with every condition, model class order
 
 
 def latents(seed: int, n: int, z_dim: int, z0: np.ndarray | None, jitter: float) -> np.ndarray:
@@ -66,14 +79,10 @@ def latents(seed: int, n: int, z_dim: int, z0: np.ndarray | None, jitter: float)
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM of two uint8 ``[C, H, W]`` images of the same size (data range 255)."""
-    from skimage.metrics import structural_similarity
+    """SSIM of two uint8 ``[C, H, W]`` images of the same size: :mod:`model.ssim`, the evaluation's definition."""
+    from model.ssim import ssim_pair
 
-    side = min(a.shape[-1], a.shape[-2])
-    win = min(7, side if side % 2 else side - 1)
-    x = a.astype(np.float64).transpose(1, 2, 0)  # [H, W, C]
-    y = b.astype(np.float64).transpose(1, 2, 0)
-    return float(structural_similarity(x, y, data_range=255.0, channel_axis=2, win_size=win))
+    return ssim_pair(a, b)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -90,11 +99,25 @@ def data_uri(blob: bytes, mime: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(blob).decode("ascii")
 
 
-def dicom_bytes(images: np.ndarray, info: ModelInfo, condition: str, seed: int) -> tuple[list[bytes] | None, str | None]:
+DICOM_UNAVAILABLE = "DICOM download is unavailable: the synthetic-DICOM writer (serving/dicom_out.py) is not installed"
+
+
+def dicom_available() -> bool:
+    try:
+        import serving.dicom_out  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def dicom_bytes(images: np.ndarray, info: ModelInfo, condition: str, seed: int, body_part: str = "",
+                indices: list[int] | None = None) -> tuple[list[bytes] | None, str | None]:
     """Synthetic Secondary Capture DICOM files (one new study/series) via ``serving.dicom_out``.
 
     Args:
         images: uint8 ``[n, C, H, W]``.
+        body_part: *BodyPartExamined* of the training data ("" when unknown).
+        indices: each image's index in the request (default 0..n-1).
 
     Returns:
         ``(files, None)``, or ``(None, reason)`` when the synthetic-DICOM writer is not installed.
@@ -104,18 +127,44 @@ def dicom_bytes(images: np.ndarray, info: ModelInfo, condition: str, seed: int) 
 
         from serving.dicom_out import synthetic_dataset
     except ImportError:
-        return None, "DICOM download is unavailable: the synthetic-DICOM writer (serving/dicom_out.py) is not installed"
+        return None, DICOM_UNAVAILABLE
     study_uid, series_uid = generate_uid(), generate_uid()
     files = []
-    for index, image in enumerate(images):
+    for index, image in zip(indices or range(len(images)), images):
         ds = synthetic_dataset(
             image.transpose(1, 2, 0), model_name=info.name, model_version=info.version, seed=seed,
-            condition=condition, index=index, study_uid=study_uid, series_uid=series_uid,
+            condition=condition, index=index, study_uid=study_uid, series_uid=series_uid, body_part=body_part,
         )
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         files.append(buf.getvalue())
     return files, None
+
+
+def batch(info: ModelInfo, condition: str, n: int, seed: int, jitter: float, z0: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The generator inputs of one request: ``n`` images, then (with an upload) ``G(z0, c)`` for
+    every condition, then the one-seed strip (``z_0`` with every condition).
+
+    Returns:
+        ``(z [rows, z_dim] float32, class [rows] int64)``.
+    """
+    k = len(info.classes)
+    z = latents(seed, n, info.z_dim, z0, jitter)  # [n, z_dim]
+    c = np.full((n,), info.classes.index(condition), dtype=np.int64)
+    parts_z, parts_c = [z], [c]
+    if z0 is not None:
+        parts_z.append(np.repeat(z0[None], k, axis=0).astype(np.float32))
+        parts_c.append(np.arange(k, dtype=np.int64))
+    parts_z.append(np.repeat(z[:1], k, axis=0))
+    parts_c.append(np.arange(k, dtype=np.int64))
+    return np.concatenate(parts_z), np.concatenate(parts_c)
+
+
+def images(backend: Backend, info: ModelInfo, condition: str, n: int, seed: int, jitter: float,
+           z0: np.ndarray | None = None) -> np.ndarray:
+    """The ``n`` images of a request again (downloads): uint8 ``[n, C, H, W]``, equal to the page's."""
+    z, c = batch(info, condition, n, seed, jitter, z0)
+    return to_uint8(backend.generate(z, c))[:n]
 
 
 def run(
@@ -148,13 +197,9 @@ def run(
     ref_f = None if reference is None else reference[None].astype(np.float32) / 127.5 - 1.0  # [1, C, R, R]
     if reference is not None and z0 is None and info.encoder_ready:
         z0 = backend.encode(ref_f)[0]  # [z_dim]
-    z = latents(seed, n, info.z_dim, z0, jitter)  # [n, z_dim]
-    c = np.full((n,), cls, dtype=np.int64)
-    if z0 is not None:
-        z = np.concatenate([z, np.repeat(z0[None], k, axis=0).astype(np.float32)])
-        c = np.concatenate([c, np.arange(k, dtype=np.int64)])
-    out = to_uint8(backend.generate(z, c))  # [n (+k), C, H, W]
-    images, recons = out[:n], out[n:]
+    z, c = batch(info, condition, n, seed, jitter, z0)
+    out = to_uint8(backend.generate(z, c))  # [n (+k) + k, C, H, W]
+    images, recons, strip = out[:n], out[n:len(out) - k], out[len(out) - k:]
 
     recon_ssim = recon_condition = recon_png = None
     if z0 is not None and reference is not None:
@@ -165,20 +210,18 @@ def run(
     probs = upload_probs = None
     classifier_note = None
     if info.classifier_ready:
-        batch = images if reference is None else np.concatenate([images, reference[None]])
-        p = backend.classify(batch.astype(np.float32) / 127.5 - 1.0)  # [n (+1), K]
+        batch_images = images if reference is None else np.concatenate([images, reference[None]])
+        p = backend.classify(batch_images.astype(np.float32) / 127.5 - 1.0)  # [n (+1), K]
         probs, upload_probs = p[:n], (p[n] if reference is not None else None)
     else:
         classifier_note = "the domain classifier is not served, so confidence is unavailable"
 
-    dicoms, dicom_note = dicom_bytes(images, info, condition, seed)
     generated = []
     for i in range(n):
         generated.append(Generated(
             index=i,
             image=images[i],
             png=png_bytes(images[i]),
-            dicom=None if dicoms is None else dicoms[i],
             ssim=None if reference is None else ssim(images[i], reference),
             confidence=None if probs is None else float(probs[i, cls]),
         ))
@@ -186,33 +229,40 @@ def run(
     if upload_probs is not None:
         j = int(np.argmax(upload_probs))
         upload_condition, upload_conf = info.classes[j], float(upload_probs[j])
-    outcome = Outcome(
+    return Outcome(
         condition=condition, seed=seed, n=n, images=generated, z0=z0,
         recon_ssim=recon_ssim, recon_condition=recon_condition, recon_png=recon_png,
         upload_condition=upload_condition, upload_confidence=upload_conf,
-        dicom_note=dicom_note, classifier_note=classifier_note, zip_bytes=b"",
+        dicom_note=None if dicom_available() else DICOM_UNAVAILABLE, classifier_note=classifier_note,
+        strip=[StripImage(info.classes[j], png_bytes(strip[j])) for j in range(k)],
     )
-    return dataclasses.replace(outcome, zip_bytes=zip_bundle(outcome, info))
+
+
+def zoom(resolution: int, target: int) -> int:
+    """The integer enlargement that brings a ``resolution``-pixel image closest to ``target`` px, at least 1."""
+    return max(1, target // max(1, resolution))
 
 
 def file_stem(info: ModelInfo, condition: str, seed: int, index: int) -> str:
     return f"radsynth_{info.name}-v{info.version}_{condition}_seed{seed}_{index:02d}"
 
 
-def zip_bundle(outcome: Outcome, info: ModelInfo) -> bytes:
-    """All images as PNG (+ DICOM when available) and a provenance JSON, in one zip."""
+def zip_bundle(images: np.ndarray, info: ModelInfo, condition: str, seed: int, seeded_by_upload: bool,
+               body_part: str = "") -> bytes:
+    """All images of a request (uint8 ``[n, C, H, W]``) as PNG (+ DICOM when available) and a provenance JSON, in one zip."""
+    dicoms, _ = dicom_bytes(images, info, condition, seed, body_part)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for g in outcome.images:
-            stem = file_stem(info, outcome.condition, outcome.seed, g.index)
-            zf.writestr(f"{stem}.png", g.png)
-            if g.dicom is not None:
-                zf.writestr(f"{stem}.dcm", g.dicom)
+        for i, image in enumerate(images):
+            stem = file_stem(info, condition, seed, i)
+            zf.writestr(f"{stem}.png", png_bytes(image))
+            if dicoms is not None:
+                zf.writestr(f"{stem}.dcm", dicoms[i])
         zf.writestr("provenance.json", json.dumps({
             "synthetic": True,
             "research_use_only": True,
             "model": info.name, "version": info.version, "alias": info.alias,
-            "condition": outcome.condition, "seed": outcome.seed, "n": outcome.n,
-            "seeded_by_upload": outcome.z0 is not None,
+            "condition": condition, "seed": seed, "n": int(len(images)),
+            "seeded_by_upload": seeded_by_upload,
         }, indent=2) + "\n")
     return buf.getvalue()

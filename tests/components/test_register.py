@@ -39,14 +39,25 @@ def registry(tmp_path_factory):
 def test_register_promote_rollback(registry, capsys):
     root, params = registry
     name = params.registry.model_name
-    v1 = rg.register(params, root / "export", root / "eval-fail")
-    assert (v1["version"], v1["gate"], v1["alias"]) == (1, "failed", "candidate")
+    # A failed gate registers nothing: the refusal is recorded instead.
+    refused = rg.register(params, root / "export", root / "eval-fail")
+    assert refused["registered"] is False and refused["refused"] and "gate failed" in refused["reason"]
+    assert json.loads((root / "artifacts" / "register" / "register.json").read_text())["registered"] is False
+    with pytest.raises(rg.RegistryError, match="has no @candidate"):
+        rg.promote(params)
 
+    v1 = rg.register(params, root / "export", root / "eval-pass")
+    assert (v1["version"], v1["gate"], v1["alias"], v1["registered"]) == (1, "passed", "candidate", True)
     version, path, tags = rg.resolve_alias(params, "candidate")
     assert version == 1 and path.name == "model.onnx"
     for key in ("onnx_sha256", "classes", "z_dim", "img_resolution", "img_channels", "variant", "git_commit",
-                "data_md5", "params_digest", "gate", "classifier_version", "run_id"):
+                "data_md5", "params_digest", "gate", "gate_level", "gate_release_passed", "classifier_version", "run_id"):
         assert tags[key], key
+    assert (tags["gate_level"], tags["gate_release_passed"]) == ("release", "true")
+    # A version whose gate failed (tagged by hand, or registered by an older release) is still never promoted.
+    client = rg._client(params)
+    client.set_model_version_tag(name, "1", "gate", "failed")
+    client.set_model_version_tag(name, "1", "gate_failed", json.dumps(["cond_acc/NORMAL"]))
     assert json.loads(tags["classes"]) == list(CLASSES) and tags["data_md5"] == "test-md5"
     assert tags["onnx_sha256"] == json.loads((root / "export" / "export.json").read_text())["sha256"]
 
@@ -119,9 +130,102 @@ def test_promote_moves_the_encoder_trained_for_that_generator(registry):
     gen_sha = json.loads((root / "export" / "export.json").read_text())["sha256"]
     versions = {}
     for label, sha in (("match", gen_sha), ("other", "e" * 64)):  # registered in this order: the newest does not match
-        info = rg._log_onnx(root / "eval-pass" / "classifier.onnx", enc)  # any small ONNX stands in for the encoder file
+        info = rg.log_onnx_model(root / "eval-pass" / "classifier.onnx", enc)  # any small ONNX stands in for the encoder file
         versions[label] = str(info.registered_model_version)
         client.set_model_version_tag(enc, versions[label], "generator_onnx_sha256", sha)
     version = rg.register(params, root / "export", root / "eval-pass")["version"]
     rg.promote(params, version)
     assert str(client.get_model_version_by_alias(enc, params.registry.champion_alias).version) == versions["match"]
+
+
+def test_registered_version_carries_signature_lineage_linked_metrics_and_card(registry, tmp_path, monkeypatch):
+    """What an MLflow user looks for on a version page: signature + input example, metrics on the
+    logged model, the training run, data md5, git commit, gate level/verdict, the model card."""
+    import mlflow
+    from mlflow.models import Model
+
+    from radsynth import model_card
+    from radsynth.tracking import setup_mlflow
+
+    root, params = registry
+    setup_mlflow(params)
+    with mlflow.start_run(run_name="train-fixture") as train_run:             # the training run the sidecar names
+        pass
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    sidecar = json.loads((root / "G_ema.json").read_text())
+    (train_dir / "G_ema.json").write_text(json.dumps({**sidecar, "train_run_id": train_run.info.run_id, "kimg": 1.2}))
+    (train_dir / "train.json").write_text(json.dumps({"kimg": 1.2, "seconds": 3.5, "device": "cpu"}))
+    eval_dir = tmp_path / "eval"
+    shutil.copytree(root / "eval-pass", eval_dir)
+    gate = json.loads((eval_dir / "gate.json").read_text())
+    (eval_dir / "gate.json").write_text(json.dumps({**gate, "level": "demo", "release_passed": False}))
+    (eval_dir / "calibration.json").write_text(json.dumps({"summary": "ECE 0.031 on real test images", "ece": 0.031}))
+    monkeypatch.setenv("RADSYNTH_GIT_COMMIT", "feedc0de" * 5)
+
+    out = rg.register(params, root / "export", eval_dir, root / "artifacts" / "dataset", train_dir)
+    client = rg._client(params)
+    mv = client.get_model_version(params.registry.model_name, str(out["version"]))
+    tags = mv.tags
+    assert tags["train_run_id"] == out["train_run_id"] == train_run.info.run_id
+    assert tags["git_commit"] == "feedc0de" * 5 and tags["data_md5"] == "test-md5"
+    assert (tags["gate"], tags["gate_level"], tags["gate_release_passed"]) == ("passed", "demo", "false")
+    assert json.loads(tags["display_names"])["PNEUMONIA_VIRAL"] == "Viral pneumonia"
+
+    # signature and input example, stored with the model and valid for it
+    stored = Model.load(f"models:/{params.registry.model_name}/{out['version']}")
+    assert [i["name"] for i in stored.signature.inputs.to_dict()] == ["z", "class"]
+    assert tuple(stored.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 16, 16)
+    assert stored.saved_input_example_info["artifact_path"] == "input_example.json"
+    example = stored.load_input_example(mlflow.artifacts.download_artifacts(f"models:/{params.registry.model_name}/{out['version']}"))
+    assert example["z"].shape == (2, 16) and example["class"].tolist() == [0, 1]
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{params.registry.model_name}/{out['version']}")
+    images = pyfunc.predict(example)["image"]
+    assert images.shape == (2, 1, 16, 16) and np.isfinite(images).all()
+
+    # the evaluation metrics hang on the logged model (MLflow 3), the classifier's accuracy on its own
+    logged = mlflow.get_logged_model(out["model_id"])
+    linked = {m.key: m.value for m in logged.metrics}
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert linked["gate_passed"] == 1.0 and linked["cond_acc"] == pytest.approx(metrics["cond_acc"])
+    assert set(linked) == {k for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+
+    # the model card: the version's description, an artefact of the run, a file beside register.json
+    card = (root / "artifacts" / "register" / "model_card.md").read_text()
+    assert mv.description == card and len(card) <= model_card.DESCRIPTION_LIMIT
+    for needle in ("Research use only", "passed at demo level (not a release)", train_run.info.run_id, "feedc0de",
+                   "test-md5", "| Viral pneumonia | `PNEUMONIA_VIRAL` | 60 | 20 | 20 | 100 |", "| all |  | 180 | 60 | 60 | 300 |",
+                   "ECE 0.031 on real test images", "## Training recipe", "1.2 kimg in 3.5 s on cpu", "## Intended use",
+                   "## Limits", "](model_card_grid.png)"):
+        assert needle in card, needle
+    assert "release level" not in card.replace("not a release", "")          # a demo-level model is never labelled release
+    for check in gate["checks"]:
+        assert f"| {check['name']} |" in card
+    assert out["model_card"] == tags["model_card"] == f"runs:/{out['run_id']}/model_card/model_card.md"
+    arts = {a.path for a in client.list_artifacts(out["run_id"], "model_card")}
+    assert arts == {"model_card/model_card.md", "model_card/model_card_grid.png"}
+    from PIL import Image
+
+    grid = Image.open(root / "artifacts" / "register" / "model_card_grid.png")
+    assert grid.height >= 3 * 16 and grid.width > params.registry.card_grid_per_class * 16   # three rows, labelled
+
+
+def test_gate_level_labels():
+    from radsynth.model_card import gate_level
+
+    assert gate_level({"passed": True}).label() == "passed (gate level not recorded: not a release)"
+    assert gate_level({"passed": True, "level": "demo", "release_passed": False}).label() == "passed at demo level (not a release)"
+    assert gate_level({"passed": True, "level": "release", "release_passed": True}).is_release
+    assert not gate_level({"passed": False, "level": "release"}).is_release
+    assert not gate_level({"passed": True, "level": "release", "release_passed": False}).is_release
+    assert not gate_level({"passed": True, "level": "bogus"}).is_release
+
+
+def test_card_stays_within_the_registry_description_limit():
+    from radsynth import model_card
+
+    long_card = "x" * 9000
+    short = model_card.description(long_card, "compact " * 10, "runs:/r/model_card/model_card.md")
+    assert short == "compact " * 10
+    clipped = model_card.description(long_card, "y" * 7000, "runs:/r/model_card/model_card.md")
+    assert len(clipped) <= model_card.DESCRIPTION_LIMIT and clipped.endswith("runs:/r/model_card/model_card.md`.)\n")

@@ -111,3 +111,16 @@ def test_tracker_retries_then_warns_and_returns(root):
     with pytest.warns(TrackingWarning, match=r"log_artifact grid.png failed after 3 attempts \(OSError: disk full\)"):
         assert tracker._call("log_artifact grid.png", lambda: (_ for _ in ()).throw(OSError("disk full"))) is None
     assert len(tracker.failures) == 1
+
+
+def test_git_commit_inside_the_image_comes_from_the_environment(tmp_path, monkeypatch):
+    """infra/Dockerfile bakes RADSYNTH_GIT_COMMIT; the image has no .git, so git alone says 'unknown'."""
+    from radsynth.tracking import GIT_COMMIT_ENV, git_commit
+
+    monkeypatch.delenv(GIT_COMMIT_ENV, raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))             # no repository above tmp_path
+    assert git_commit(tmp_path) == "unknown"
+    monkeypatch.setenv(GIT_COMMIT_ENV, "0123abcd" * 5)
+    assert git_commit(tmp_path) == "0123abcd" * 5
+    monkeypatch.setenv(GIT_COMMIT_ENV, "unknown")                            # the Dockerfile's default: not a commit
+    assert git_commit(tmp_path) == "unknown"

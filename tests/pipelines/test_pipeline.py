@@ -65,10 +65,11 @@ def test_export_and_register_only_under_the_gate(tmp_path):
     assert "evaluate" in cond["dependentTasks"]
     assert cond["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true"
     inner = ir["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
-    assert set(inner) == {"export", "encoder", "register"}
+    assert set(inner) == {"export", "encoder", "register", "synthesize"}
     assert inner["encoder"]["inputs"]["artifacts"]["onnx"]["taskOutputArtifact"]["producerTask"] == "export"
     assert "encoder" in inner["register"]["dependentTasks"]   # promote finds the encoder for this generator
     assert inner["register"]["inputs"]["artifacts"]["onnx"]["taskOutputArtifact"]["producerTask"] == "export"
+    assert inner["synthesize"]["inputs"]["parameters"]["version"]["taskOutputParameter"] == {"outputParameterKey": "Output", "producerTask": "register"}
 
 
 def test_task_names_are_the_step_names(tmp_path):

@@ -70,3 +70,22 @@ def test_parse_override():
     assert parse_override("data.img_resolution=64") == ("data.img_resolution", 64)
     with pytest.raises(ConfigError):
         parse_override("novalue")
+
+
+def test_scientific_notation_is_a_number_for_float_fields(tmp_path, root):
+    # YAML 1.1 (PyYAML) reads 2e-3 as the string "2e-3"; a float field takes it as the number.
+    assert parse_override("train.lr_g=2e-3") == ("train.lr_g", "2e-3")
+    params = load_params(root / "params.yaml", profile="tiny", overrides=dict([parse_override("train.lr_g=2e-3"),
+                                                                                parse_override("train.lr_d=1E-4")]))
+    assert params.train.lr_g == 0.002 and params.train.lr_d == 1e-4 and isinstance(params.train.lr_g, float)
+    path = write(tmp_path, "profile: a\ntrain: {lr_g: 5e-4, kimg_per_resolution: {8: [1e1, .5]}}\nprofiles: {a: {}}\n")
+    loaded = load_params(path)
+    assert loaded.train.lr_g == 5e-4 and loaded.train.kimg_per_resolution == {8: (10.0, 0.5)}
+    assert load_params(path).digest() == load_params(path, overrides={"train.lr_g": 0.0005}).digest()
+    # still strict: words, nan and numbers for integer or string fields are refused
+    for bad in ("fast", "nan", "inf", "0x10", "1e-3e2"):
+        with pytest.raises(ConfigError, match=r"train\.lr_g must be a number"):
+            load_params(path, overrides={"train.lr_g": bad})
+    with pytest.raises(ConfigError, match=r"train\.n_critic must be an integer"):
+        load_params(path, overrides={"train.n_critic": "5e0"})
+    assert load_params(path, overrides={"model.variant": "2e-3"}).model.variant == "2e-3"

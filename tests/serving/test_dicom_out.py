@@ -62,3 +62,49 @@ def test_dcmtk_dcmdump_reads_it_cleanly(series):
     assert "[SYNTHETIC^RADSYNTH]" in out
     assert "(0028,0301) CS [NO]" in out                                         # BurnedInAnnotation
     assert "(0008,0064) CS [SYN]" in out                                        # ConversionType
+
+
+def _dciodvfy(path) -> tuple[list[str], str]:
+    """``(error lines, whole output)`` of dicom3tools' IOD validator on one file."""
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.fail("dciodvfy missing: install dicom3tools (`apt-get install -y dicom3tools`; `make test` does it)")
+    done = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    text = done.stdout + done.stderr
+    return [line for line in text.splitlines() if "Error" in line], text
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("body_part", ["", "CHEST"])
+def test_dciodvfy_finds_no_errors(tmp_path, channels, body_part):
+    images = np.random.default_rng(1).integers(0, 256, size=(2, 16, 16, channels), dtype=np.uint8)
+    paths = write_dicom_series(images, tmp_path, model_name="radsynth-generator", model_version="4", seed=SEED,
+                               condition="PNEUMONIA", body_part=body_part)
+    errors, text = _dciodvfy(paths[1])
+    assert "SCImage" in text and errors == [], text                            # validated as Secondary Capture, no errors
+    ds = pydicom.dcmread(paths[1])
+    np.testing.assert_array_equal(ds.pixel_array, images[1] if channels == 3 else images[1, :, :, 0])
+    assert ds.PatientOrientation == "" and ("Laterality" in ds) == (body_part == "")
+    if body_part:
+        assert ds.BodyPartExamined == "CHEST" and "Laterality" not in text     # an unpaired part: not even a warning
+
+
+def test_dciodvfy_catches_a_missing_type_2c_attribute(tmp_path):
+    """The control: the validator does fail a file without the Type 2C attributes it checks."""
+    images = np.zeros((1, 16, 16, 1), dtype=np.uint8)
+    (path,) = write_dicom_series(images, tmp_path, model_name="m", model_version="1", seed=1, condition="X")
+    ds = pydicom.dcmread(path)
+    del ds.PatientOrientation
+    ds.save_as(path)
+    errors, _ = _dciodvfy(path)
+    assert any("PatientOrientation" in e for e in errors), errors
+
+
+def test_one_series_written_in_chunks(tmp_path):
+    images = np.random.default_rng(2).integers(0, 256, size=(5, 16, 16, 1), dtype=np.uint8)
+    kw = dict(model_name="m", model_version="1", seed=3, condition="X", study_uid="1.2.3.4", series_uid="1.2.3.4.5")
+    paths = write_dicom_series(images[:3], tmp_path, **kw) + write_dicom_series(images[3:], tmp_path, first_index=3, **kw)
+    datasets = [pydicom.dcmread(p) for p in paths]
+    assert [ds.InstanceNumber for ds in datasets] == [1, 2, 3, 4, 5]
+    assert {ds.SeriesInstanceUID for ds in datasets} == {"1.2.3.4.5"} and len({ds.SOPInstanceUID for ds in datasets}) == 5
+    assert [p.name for p in paths] == [f"synthetic_X_3_{i:03d}.dcm" for i in range(5)]

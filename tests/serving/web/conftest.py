@@ -71,6 +71,21 @@ class TorchBackend:
         raise AssertionError("the classifier is not served in these tests")
 
 
+class StaticCards:
+    """Model cards held in memory, keyed by (name, version): the page's card source without a registry."""
+
+    def __init__(self, cards: dict[tuple[str, str], tuple[str, bytes | None]]):
+        self.cards = cards
+
+    def get(self, name: str, version: str):
+        from serving.web.card import Card
+
+        if (name, version) not in self.cards:
+            return Card(name, version, "", None, f"{name} v{version} was registered without a model card")
+        markdown, grid = self.cards[(name, version)]
+        return Card(name, version, markdown, grid, None)
+
+
 @pytest.fixture
 def params(tmp_path) -> Params:
     return load_params(ROOT / "params.yaml", profile="tiny", overrides={
@@ -91,7 +106,7 @@ def backend(params) -> TorchBackend:
 def app(params, backend):
     from serving.web.app import create_app
 
-    app = create_app(params, backend=backend)
+    app = create_app(params, backend=backend, cards=StaticCards({}))
     app.config["TESTING"] = True
     return app
 

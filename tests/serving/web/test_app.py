@@ -103,6 +103,20 @@ BAD_UPLOADS = {
 }
 
 
+def gallery(html: str) -> list[str]:
+    """The data URIs of the generated images (the gallery tiles, in order)."""
+    return re.findall(r'<figure class="tile" id="image-\d+">\s*<img src="(data:image/png;base64,[^"]+)"', html)
+
+
+def links(html: str, kind: str) -> list[str]:
+    """The download links of one kind (png | dicom) in gallery order."""
+    return [html_lib.unescape(u) for u in re.findall(rf'<a class="button small" href="([^"]+)" download="[^"]+" data-kind="{kind}"', html)]
+
+
+def decode(uri: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+
+
 def audit_lines(params) -> list[dict]:
     path = params.web.audit_log
     try:
@@ -120,7 +134,10 @@ def test_home_lists_served_conditions_with_labelled_controls_and_notice(client):
     resp = client.get("/")
     html = resp.get_data(as_text=True)
     assert resp.status_code == 200
-    assert re.findall(r'<option value="([^"]+)"', html) == list(CLASSES)
+    assert re.findall(r'<option value="([^"]+)"', html) == list(CLASSES)         # codes in the form, names for people
+    assert re.findall(r'<option value="[^"]+" ?(?:selected)?>([^<]+)</option>', html) == [
+        "Normal", "Bacterial pneumonia", "Viral pneumonia"]
+    assert 'href="/model-card"' in html
     for control in ("image", "condition", "n", "seed"):
         assert f'<label for="{control}"' in html and f'id="{control}"' in html
     assert "Research use only" in html and "must not be used for diagnosis or treatment" in html
@@ -133,8 +150,10 @@ def test_generate_without_upload_shows_images_facts_metrics_and_audits(client, p
     resp = h.post_generate(client, condition="PNEUMONIA_VIRAL", n=3, seed=11)
     html = resp.get_data(as_text=True)
     assert resp.status_code == 200
-    assert len(re.findall(r'<img src="data:image/png;base64,[^"]+"[^>]*class="generated"', html)) == 3
-    assert re.search(r'id="fact-condition">PNEUMONIA_VIRAL<', html)
+    assert len(gallery(html)) == 3
+    assert re.search(r'id="fact-condition">Viral pneumonia<', html) and re.search(r'id="fact-code"><code>PNEUMONIA_VIRAL<', html)
+    assert "3 synthetic images of <span class=\"cond\">Viral pneumonia</span>" in html
+    assert "PNEUMONIA_VIRAL" not in html.split('<section class="card" id="metrics">')[1]   # people read names, not codes
     assert re.search(r'id="fact-seed">11<', html)
     assert re.search(r'id="fact-version">2<', html) and re.search(r'id="fact-alias">champion', html)
     # metrics: recorded values formatted, the absent ones honestly unavailable with their reason
@@ -154,7 +173,7 @@ def test_same_seed_same_images_and_permalink_reproduces_them(client, h):
     assert link.endswith("/result?condition=NORMAL&seed=5&n=2")
     again = client.get(link.replace("http://localhost", ""))
     assert again.status_code == 200
-    pngs = lambda html: re.findall(r'<img src="(data:image/png;base64,[^"]+)"[^>]*class="generated"', html)
+    pngs = gallery
     assert pngs(first) == pngs(again.get_data(as_text=True))
     assert "Opened from a permalink" in again.get_data(as_text=True)
     other = h.post_generate(client, seed=6, n=2).get_data(as_text=True)
@@ -174,8 +193,7 @@ def test_dicom_upload_seeds_generation_and_is_the_ssim_reference(client, backend
     assert "your upload is not part of it" in html  # the permalink says it regenerates without the upload
     # the upload changes the images: same seed without it gives different pixels
     plain = h.post_generate(client, n=2, seed=3).get_data(as_text=True)
-    grab = lambda s: re.findall(r'<img src="(data:image/png;base64,[^"]+)"[^>]*class="generated"', s)[:2]
-    assert grab(plain) != grab(html)
+    assert gallery(plain) != gallery(html)
 
 
 def test_upload_preprocessing_matches_training(client, h):
@@ -183,7 +201,7 @@ def test_upload_preprocessing_matches_training(client, h):
     from radsynth import imaging
 
     html = h.post_generate(client, CHEST_DX.read_bytes(), "chest.dcm").get_data(as_text=True)
-    uri = re.search(r'<img src="data:image/png;base64,([^"]+)" class="generated" alt="Your upload', html).group(1)
+    uri = re.search(r'<img src="data:image/png;base64,([^"]+)" class="generated"[^>]* alt="Your upload', html).group(1)
     shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))))
     expected = imaging.prepare(imaging.dicom_to_array(imaging.read_dicom(CHEST_DX.read_bytes())), 16)[0]
     np.testing.assert_array_equal(shown, expected)
@@ -203,19 +221,96 @@ def test_regenerate_keeps_upload_with_a_new_seed(client, h):
     assert bad.status_code == 400 and "could not be verified" in bad.get_data(as_text=True)
 
 
-def test_downloads_are_valid_png_and_zip(client, h):
+def test_downloads_are_links_that_regenerate_the_shown_images(client, params, h):
     html = h.post_generate(client, n=2, seed=9).get_data(as_text=True)
-    png_links = re.findall(r'href="data:image/png;base64,([^"]+)" download="([^"]+\.png)"', html)
-    assert len(png_links) == 2
-    img = Image.open(io.BytesIO(base64.b64decode(png_links[0][0])))
+    assert "data:application" not in html and 'href="data:' not in html      # no file is inlined as a data URI
+    png_links = links(html, "png")
+    assert len(png_links) == 2 and png_links[0].startswith("/download?") and "r=" not in png_links[0]
+    resp = client.get(png_links[1])
+    assert resp.status_code == 200 and resp.mimetype == "image/png" and resp.headers["Cache-Control"] == "no-store"
+    assert 'filename=radsynth_radsynth-generator-v2_NORMAL_seed9_01.png' in resp.headers["Content-Disposition"]
+    img = Image.open(io.BytesIO(resp.data))
     assert img.format == "PNG" and img.size == (16, 16) and img.mode == "L"
-    assert png_links[0][1] == "radsynth_radsynth-generator-v2_NORMAL_seed9_00.png"
-    zdata = re.search(r'href="data:application/zip;base64,([^"]+)" download="([^"]+)"', html)
-    with zipfile.ZipFile(io.BytesIO(base64.b64decode(zdata.group(1)))) as zf:
+    np.testing.assert_array_equal(np.asarray(img), decode(gallery(html)[1]))   # the file is the image shown
+    dcm = client.get(links(html, "dicom")[0])
+    ds = pydicom.dcmread(io.BytesIO(dcm.data))
+    assert dcm.mimetype == "application/dicom" and ds.InstanceNumber == 1 and ds.BodyPartExamined == "CHEST"
+    np.testing.assert_array_equal(ds.pixel_array, decode(gallery(html)[0]))
+    zip_link = html_lib.unescape(re.search(r'id="download-zip" href="([^"]+)"', html).group(1))
+    with zipfile.ZipFile(io.BytesIO(client.get(zip_link).data)) as zf:
         names = zf.namelist()
         prov = json.loads(zf.read("provenance.json"))
-    assert sum(n.endswith(".png") for n in names) == 2
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(zf.read(names[0])))), decode(gallery(html)[0]))
+    assert sorted(n.rsplit(".", 1)[1] for n in names) == ["dcm", "dcm", "json", "png", "png"]
     assert prov["synthetic"] is True and prov["seed"] == 9 and prov["version"] == "2"
+    assert [x["event"] for x in audit_lines(params)] == ["generate", "download", "download", "download"]
+    # a link made for another served version, or out of range, is refused with a page
+    stale = client.get(png_links[0].replace("v=2", "v=1"))
+    assert stale.status_code == 409 and "model changed" in stale.get_data(as_text=True)
+    assert client.get(png_links[0].replace("i=0", "i=5")).status_code == 400
+    assert client.get("/download?condition=NORMAL&seed=1&n=1&v=2&format=exe&i=0").status_code == 400
+
+
+def test_upload_seeded_download_links_carry_the_latent_encrypted_and_expire(client, backend, params, h, monkeypatch):
+    html = h.post_generate(client, CHEST_DX.read_bytes(), "chest.dcm", n=2, seed=3).get_data(as_text=True)
+    link = links(html, "png")[1]
+    token = re.search(r"[?&]r=([^&]+)", link).group(1)
+    import urllib.parse
+
+    raw = urllib.parse.unquote(token)
+    assert len(raw) < 1000 and "pixels" not in raw                            # a short opaque token, not the image
+    with pytest.raises(Exception):
+        json.loads(base64.urlsafe_b64decode(raw + "=="))                      # not readable without the key
+    got = np.asarray(Image.open(io.BytesIO(client.get(link).data)))
+    np.testing.assert_array_equal(got, decode(gallery(html)[1]))              # the upload-seeded image, regenerated
+    plain = client.get(re.sub(r"&r=[^&]+", "", link))
+    assert not np.array_equal(np.asarray(Image.open(io.BytesIO(plain.data))), got)   # without the latent it differs
+    tampered = client.get(link.replace(token, token[:-6] + "AAAAAA"))
+    assert tampered.status_code == 410 and "expired" in tampered.get_data(as_text=True)
+    import time as time_mod
+
+    later = time_mod.time() + params.web.download_ttl_s + 5
+    monkeypatch.setattr(time_mod, "time", lambda: later)                      # Fernet checks the token's age
+    assert client.get(link).status_code == 410
+
+
+def test_one_seed_strip_and_pixel_exact_enlargement(client, params, h):
+    html = h.post_generate(client, condition="PNEUMONIA_BACTERIAL", n=2, seed=21).get_data(as_text=True)
+    strip = html.split('id="seed-strip"')[1].split("</section>")[0]
+    tiles = re.findall(r'<figure class="(current|)" data-condition="([^"]+)">\s*<img src="(data:image/png;base64,[^"]+)"', strip)
+    assert [t[1] for t in tiles] == list(CLASSES) and [t[0] for t in tiles] == ["", "current", ""]
+    assert [c for c in ("Normal", "Bacterial pneumonia", "Viral pneumonia") if f"<figcaption>{c}</figcaption>" in strip] == [
+        "Normal", "Bacterial pneumonia", "Viral pneumonia"]
+    shown = [decode(t[2]) for t in tiles]
+    np.testing.assert_array_equal(shown[1], decode(gallery(html)[0]))        # the requested condition's tile is image 1
+    assert not np.array_equal(shown[0], shown[1])                             # the condition alone changes the image
+    other = h.post_generate(client, condition="NORMAL", n=1, seed=21).get_data(as_text=True)
+    np.testing.assert_array_equal(decode(gallery(other)[0]), shown[0])        # the same latent, the other condition
+    # 16 px images enlarged by a whole number, with nearest-neighbour sampling in the stylesheet
+    z = int(re.search(r'data-zoom="(\d+)"', html).group(1))
+    assert z == 224 // 16 and f'width="{16 * z}" height="{16 * z}" data-zoom="{z}"' in html
+    css = client.get("/static/style.css").get_data(as_text=True)
+    assert re.search(r"img\.generated[^{]*\{[^}]*image-rendering: pixelated", css)
+
+
+def test_model_card_page_renders_the_served_versions_card_safely(params, backend):
+    from .conftest import StaticCards
+
+    markdown = ("# Model card: radsynth-generator v2\n\n> **Research use only.** Synthetic.\n\n| check | result |\n|---|---|\n"
+                "| cond_acc/NORMAL | pass |\n\n![grid](model_card_grid.png)\n\n<script>alert(1)</script>\n")
+    grid = png_bytes(np.zeros((48, 128), np.uint8))
+    client = create_app(params, backend=backend, cards=StaticCards({("radsynth-generator", "2"): (markdown, grid)})).test_client()
+    page = client.get("/model-card")
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200 and "<h1>Model card: radsynth-generator v2</h1>" in html
+    assert "<table>" in html and "<td>cond_acc/NORMAL</td>" in html and "<blockquote>" in html
+    assert '<img src="/model-card/grid.png" class="card-grid" alt="grid"' in html
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html   # raw HTML in a card is shown, never run
+    assert client.get("/model-card/grid.png").data == grid
+    missing = create_app(params, backend=backend, cards=StaticCards({})).test_client()
+    html = missing.get("/model-card").get_data(as_text=True)
+    assert 'id="model-card-missing"' in html and "registered without a model card" in html
+    assert missing.get("/model-card/grid.png").status_code == 404
 
 
 # --------------------------------------------------------------------------------------

@@ -188,7 +188,9 @@ def test_upload_generate_inspect_download_in_a_real_browser(stack, browser):
     page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page.goto(url)
     assert page.locator("#research-notice").is_visible()
-    assert page.locator("#condition option").all_inner_texts() == list(CLASSES)  # from the served model's config
+    # the served model's classes (its config), shown by their display names (params), sent as codes
+    assert page.locator("#condition option").all_inner_texts() == ["Normal", "Bacterial pneumonia", "Viral pneumonia"]
+    assert [o.get_attribute("value") for o in page.locator("#condition option").all()] == list(CLASSES)
     assert "version 1" in page.inner_text(".lead")
 
     page.set_input_files("#image", str(CHEST_DX))
@@ -200,13 +202,22 @@ def test_upload_generate_inspect_download_in_a_real_browser(stack, browser):
     assert resp.value.status == 200
     page.wait_for_selector("#fact-seed")
 
-    assert page.inner_text("#fact-condition") == "PNEUMONIA_VIRAL"
+    assert page.inner_text("#fact-condition") == "Viral pneumonia" and page.inner_text("#fact-code") == "PNEUMONIA_VIRAL"
     assert page.inner_text("#fact-seed") == "7"
     assert (page.inner_text("#fact-model"), page.inner_text("#fact-version")) == ("radsynth-generator", "1")
     assert page.inner_text("#fact-alias").startswith("champion")
-    images = page.locator("img.generated[alt^='Synthetic']")
+    images = page.locator(".gallery img.generated")
     assert images.count() == 2
     assert all(page.evaluate("img => img.complete && img.naturalWidth === 16", images.nth(i).element_handle()) for i in range(2))
+    # pixel-exact enlargement: a whole-number zoom, drawn nearest-neighbour
+    zoom = int(images.nth(0).get_attribute("data-zoom"))
+    assert zoom > 1 and page.evaluate("img => img.getBoundingClientRect().width", images.nth(0).element_handle()) == 16 * zoom
+    assert page.evaluate("img => getComputedStyle(img).imageRendering", images.nth(0).element_handle()) == "pixelated"
+    # the one-seed strip: every condition, the requested one marked
+    strip = page.locator("#seed-strip figure")
+    assert strip.count() == 3 and page.locator("#seed-strip figure.current figcaption").inner_text() == "Viral pneumonia"
+    assert all(page.evaluate("img => img.complete && img.naturalWidth === 16", strip.nth(i).locator("img").element_handle())
+               for i in range(3))
     # quality: registry metrics with their meaning, honest gaps, per-image SSIM and confidence
     assert "38.20" in page.inner_text("tr[data-key='fid_domain']") and "4.10" in page.inner_text("tr[data-key='fid_domain']")
     assert "77.0%" in page.inner_text("tr[data-key='cond_acc']")
@@ -219,6 +230,9 @@ def test_upload_generate_inspect_download_in_a_real_browser(stack, browser):
     assert "DICOM, 1024×1024 → 16×16" in page.inner_text("#upload-panel")
     page.screenshot(path=str(ARTIFACTS / "web_result.png"), full_page=True)
 
+    hrefs = [a.get_attribute("href") for a in page.locator("a[download]").all()]
+    assert hrefs and all(h.startswith("/download?") for h in hrefs)               # links, not data URIs
+    assert len(page.content()) < 60_000                                         # the page does not carry the files
     name, png = _download(page, "#image-0 a[data-kind=png]")
     assert name == "radsynth_radsynth-generator-v1_PNEUMONIA_VIRAL_seed7_00.png"
     assert png.startswith(b"\x89PNG") and Image.open(io.BytesIO(png)).size == (16, 16)
@@ -239,10 +253,22 @@ def test_upload_generate_inspect_download_in_a_real_browser(stack, browser):
     page.goto(link)
     assert page.locator("#permalink-note").is_visible()
 
-    # the audit log holds one line per generation and nothing else
+    # the audit log holds one line per generation or download and nothing else
     lines = [json.loads(x) for x in open(params.web.audit_log)]
-    assert [x["source"] for x in lines] == ["upload", "regenerate", "permalink"]
+    assert [x.get("source", x["event"]) for x in lines] == ["upload", "download", "download", "download", "download",
+                                                             "regenerate", "permalink"]
     assert all(x["version"] == "1" and x["model"] == "radsynth-generator" for x in lines)
+    assert all(x["upload"] for x in lines[1:5])                                  # the downloads came from the upload's latent
+
+    # the model card of the served version, from the real registry (written by `radsynth register`)
+    page.click("#model-card-link")
+    page.wait_for_selector("#model-card")
+    assert page.inner_text("#model-card h1") == "Model card: radsynth-generator v1"
+    card = page.inner_text("#model-card")
+    assert "Research use only" in card and "Evaluation gate" in card and "Viral pneumonia" in card
+    grid = page.locator("#model-card img")
+    assert page.evaluate("img => img.complete && img.naturalWidth > 16 * 8", grid.element_handle())
+    page.screenshot(path=str(ARTIFACTS / "web_model_card.png"), full_page=True)
 
     # a bad file: a clear message on the form and a 4xx, nothing generated
     page.goto(url)
@@ -253,7 +279,7 @@ def test_upload_generate_inspect_download_in_a_real_browser(stack, browser):
         page.click("#generate-button")
     assert resp.value.status == 415
     assert "not a PNG, JPEG or DICOM" in page.inner_text("#form-error")
-    assert len(open(params.web.audit_log).readlines()) == 3
+    assert len(open(params.web.audit_log).readlines()) == 7
 
     # phone width: nothing overflows sideways
     phone = browser.new_page(viewport={"width": 390, "height": 844})
