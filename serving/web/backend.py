@@ -41,7 +41,7 @@ from radsynth.config import Params
 from radsynth.errors import RadsynthError
 
 log = logging.getLogger(__name__)
-FIRST_REGISTRY_WAIT_S = 1.0                    # the most a request waits for the very first registry read
+FIRST_REGISTRY_WAIT_S = 8.0                    # the most a request waits for the very first registry read (a fresh worker imports MLflow: seconds)
 
 
 class ServiceUnavailable(RadsynthError):
@@ -370,7 +370,7 @@ class TritonBackend:
         """
         self._check_ready(self.cfg.health_timeout_s)
         served = self._served_facts()
-        info = self._info(served, self._registry_facts(min(FIRST_REGISTRY_WAIT_S, self.cfg.registry_timeout_s)))
+        info = self._info(served, self._registry_facts(FIRST_REGISTRY_WAIT_S))
         self._local.version = info.version
         return info
 
