@@ -8,13 +8,20 @@ last checkpoint; a finished stage is skipped.
 Outputs under ``out_dir`` (default ``artifacts/train``):
 
     stage_<R>/checkpoint.json + .safetensors   full training state (resume point)
-    stage_<R>/grid_<R>.png                     G_ema samples per condition at fixed z
+    stage_<R>/grid_<R>.png                     G_ema samples per condition at fixed z, stage end
+    stage_<R>/progress/grid_<kimg>kimg.png     the same every train.grid_kimg while the stage runs
     G_ema.safetensors + G_ema.json             the final generator (model.checkpoint format)
+    history.tsv                                metrics against kimg (dvc plots; MLflow has the same)
     curves.png                                 losses, Wasserstein estimate, gradient penalty
     train.json                                 summary; params.yaml: the resolved config
 
-Distributed: ``torchrun --nproc_per_node N -m radsynth.cli train ...`` (gloo on CPU, nccl
-on CUDA); rank 0 writes every file.
+The recipe (optimiser, penalty, augmentation, EMA) is ``train.recipe``, a named overlay in
+``params.yaml``'s ``recipes:`` (``--set train.recipe=wgan-gp-paper`` for the seed's baseline).
+
+Distributed: ``train.ranks: N`` makes ``radsynth train`` relaunch itself as N local ranks
+(the ``cpu`` profile uses 2), or run ``torchrun --nproc_per_node N -m radsynth.cli train ...``
+yourself (gloo on CPU, nccl on CUDA, each rank on its ``LOCAL_RANK`` GPU); rank 0 writes
+every file.
 """
 
 from __future__ import annotations
@@ -79,10 +86,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-resume", action="store_true", help="start the stage (or the whole run) over instead of resuming")
 
 
+def launch_ranks(args: argparse.Namespace, params: Params) -> int | None:
+    """Run this command as ``train.ranks`` local DDP processes (torchrun); None when already one of them.
+
+    On a 2-core machine two single-threaded gloo ranks are faster than one process with two
+    threads, and stay fast when other work takes a core, where spinning OpenMP threads
+    collapse (docs/benchmarks.md, "Training").
+    """
+    n = params.train.ranks
+    if n <= 1 or "WORLD_SIZE" in os.environ:
+        return None
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "radsynth.cli", "train"]
+    for flag, value in (("--params", args.params), ("--profile", args.profile), ("--dataset", args.dataset), ("--out", args.out),
+                        ("--stage", args.stage)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    for item in args.set or []:
+        cmd += ["--set", item]
+    if args.no_resume:
+        cmd.append("--no-resume")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(cmd, env=env)
+
+
 def run(args: argparse.Namespace) -> int:
     from radsynth.cli import load_cli_params
 
     params = load_cli_params(args)
+    launched = launch_ranks(args, params)
+    if launched is not None:
+        return launched
     artifacts = Path(params.paths.artifacts)
     summary = train(
         params,
@@ -97,22 +133,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def progress_html(stage_dir: str | os.PathLike, resolution: int) -> str:
+    """One self-contained HTML page (images inline) of a stage's grids: the progress grids in
+    kimg order, then the stage-end grid. What a Kubeflow user sees in the run page."""
+    import base64
+    import html
+
+    folder = Path(stage_dir)
+    grids = sorted((folder / "progress").glob("grid_*kimg.png")) + sorted(folder.glob(f"grid_{resolution}.png"))
+    parts = [f"<!doctype html><meta charset='utf-8'><title>train {resolution}x{resolution}</title>",
+             "<style>body{font-family:sans-serif;background:#111;color:#eee}img{image-rendering:pixelated;max-width:100%}</style>",
+             f"<h2>G_ema at fixed z, every condition: {resolution}x{resolution} stage</h2>"]
+    if not grids:
+        parts.append("<p>no grids were written (train.grid_kimg: 0 and the stage did not finish)</p>")
+    for path in grids:
+        label = "stage end" if path.parent == folder else path.stem.removeprefix("grid_").lstrip("0").replace("kimg", " kimg") or "0 kimg"
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        parts.append(f"<h3>{html.escape(label)}</h3><img alt='{html.escape(label)}' src='data:image/png;base64,{data}'>")
+    return "\n".join(parts) + "\n"
+
+
 # --------------------------------------------------------------------------------------
 # Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
 # --------------------------------------------------------------------------------------
-from kfp.dsl import Dataset, Input, Metrics, Model, Output  # noqa: E402
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output  # noqa: E402
 
 from pipelines.component import step_component  # noqa: E402
 
 
 @step_component
 def train_component(profile: str, overrides: list, resolution: int, dataset: Input[Dataset], checkpoint: Output[Model],
-                    metrics: Output[Metrics], previous: Input[Model] = None):
-    """KFP: one progressive stage at ``resolution``, resuming from the ``previous`` stage's checkpoint."""
-    from components.train import train
+                    metrics: Output[Metrics], progress: Output[HTML], previous: Input[Model] = None):
+    """KFP: one progressive stage at ``resolution``, resuming from the ``previous`` stage's checkpoint;
+    ``progress``: the stage's sample grids (every train.grid_kimg) as an HTML visualisation."""
+    from components.train import progress_html, train
+    from model.trainer import stage_dir
     from pipelines.workspace import log_metrics, step_workspace
+    from radsynth.io import atomic_write_text
 
     inputs = {"dataset": dataset.path, "train": previous.path if previous else None}
     with step_workspace(profile, overrides, inputs=inputs, outputs={"train": checkpoint.path}) as ws:
         summary = train(ws.params, ws.root / "dataset", ws.root / "train", stage=resolution)
         log_metrics(metrics, {"kimg": summary.get("kimg"), "seconds": summary.get("seconds"), **(summary.get("last") or {})})
+        atomic_write_text(progress.path, progress_html(stage_dir(ws.root / "train", resolution), resolution))

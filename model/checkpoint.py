@@ -12,7 +12,11 @@ Two kinds:
   metric history).
 
 Every file is written atomically; the JSON carries the sha256 of its safetensors file, so a
-pair from two different saves is detected instead of silently mixed.
+pair from two different saves is detected instead of silently mixed. A generator pair is
+replaced as a unit (:func:`save_generator`): the previous pair is kept as a hard-linked
+backup until both new files are in place; a reader that finds a mixed pair (a kill between
+the two renames) reads the backup, and the next save restores it first, so the previous
+generator is never lost.
 """
 
 from __future__ import annotations
@@ -80,13 +84,20 @@ def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
+# Values of model keys added after the first checkpoints were written: a checkpoint that lacks
+# one was built with the old behaviour, whatever today's default is.
+LEGACY_MODEL_VALUES: dict[str, Any] = {"fade_after_output": False, "separate_label_norm": False,
+                                       "d_embed_equalized": False, "light_resolutions": ()}
+
+
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
     """Rebuild the typed ``model:`` section stored in a checkpoint."""
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise CheckpointError(f"checkpoint model config has keys this code does not know: {unknown}")
-    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    full = {**{k: v for k, v in LEGACY_MODEL_VALUES.items() if k not in values}, **values}
+    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in full.items()})
 
 
 # --------------------------------------------------------------------------------------
@@ -125,9 +136,65 @@ def save_generator(path: str | os.PathLike, G: nn.Module, meta: dict[str, Any]) 
     missing = [k for k in REQUIRED_META if k not in full]
     if missing:
         raise CheckpointError(f"generator meta lacks {missing}")
-    full["sha256"] = _save_tensors(weights, dict(G.state_dict()))
-    write_json(sidecar, full)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    repair_generator(weights)
+    new_weights, new_sidecar = _pending(weights)
+    full["sha256"] = _save_tensors(new_weights, dict(G.state_dict()))
+    write_json(new_sidecar, full)
+    _swap_pair(weights, sidecar, new_weights, new_sidecar)
     return weights
+
+
+def _pending(weights: Path) -> tuple[Path, Path]:
+    token = os.urandom(4).hex()
+    return weights.with_name(f".{weights.stem}.new-{token}.safetensors"), weights.with_name(f".{weights.stem}.new-{token}.json")
+
+
+def _backups(weights: Path) -> tuple[Path, Path]:
+    return weights.with_name(f".{weights.stem}.prev.safetensors"), weights.with_name(f".{weights.stem}.prev.json")
+
+
+def _pair_consistent(weights: Path, sidecar: Path) -> bool:
+    try:
+        return weights.is_file() and json.loads(sidecar.read_text()).get("sha256") == sha256_file(weights)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _swap_pair(weights: Path, sidecar: Path, new_weights: Path, new_sidecar: Path) -> None:
+    """Put a written pair in place of the current one; see :func:`repair_generator`."""
+    bak_w, bak_s = _backups(weights)
+    for p in (bak_w, bak_s):
+        p.unlink(missing_ok=True)
+    if _pair_consistent(weights, sidecar):
+        os.link(weights, bak_w)          # the backup pair exists before anything is replaced
+        os.link(sidecar, bak_s)
+    os.replace(new_weights, weights)
+    os.replace(new_sidecar, sidecar)     # from here the new pair is complete
+    for p in (bak_w, bak_s):
+        p.unlink(missing_ok=True)
+
+
+def repair_generator(path: str | os.PathLike) -> bool:
+    """Roll back an interrupted :func:`save_generator` at ``path`` (writers only).
+
+    A kill between the two renames leaves the new weights beside the old sidecar; the
+    backup pair (the previous generator) is then restored. Leftover temporary files go.
+    Readers never call this (a concurrent save could be mid-swap); they read the backup.
+
+    Returns:
+        True when the backup was restored.
+    """
+    weights, sidecar = _paths(path)
+    bak_w, bak_s = _backups(weights)
+    restored = False
+    if not _pair_consistent(weights, sidecar) and _pair_consistent(bak_w, bak_s):
+        os.replace(bak_w, weights)
+        os.replace(bak_s, sidecar)
+        restored = True
+    for p in (bak_w, bak_s, *weights.parent.glob(f".{weights.stem}.new-*")):
+        p.unlink(missing_ok=True)
+    return restored
 
 
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -142,6 +209,9 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     from model.registry import build_networks
 
     weights, sidecar = _paths(path)
+    bak_w, bak_s = _backups(weights)
+    if sidecar.is_file() and not _pair_consistent(weights, sidecar) and _pair_consistent(bak_w, bak_s):
+        weights, sidecar = bak_w, bak_s      # an interrupted save: the previous generator
     meta = _read_sidecar(sidecar)
     missing = [k for k in (*REQUIRED_META, "model") if k not in meta]
     if missing:

@@ -50,6 +50,24 @@ class EqualizedConv2d(nn.Module):
         return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
 
 
+class EqualizedEmbedding(nn.Module):
+    """Class embedding (a lookup table) with (optionally) equalised learning rate.
+
+    Equalised: entries drawn from N(0, 1) and scaled at run time by ``1 / sqrt(dim)``, so
+    Adam moves them at the same relative rate as the equalised layers around them. Plain:
+    entries drawn with std ``1 / sqrt(dim)`` (the same initial function), scale 1.
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, equalized: bool = True):
+        super().__init__()
+        std = 1.0 / math.sqrt(dim)
+        self.weight = nn.Parameter(torch.randn(num_embeddings, dim) * (1.0 if equalized else std))
+        self.scale = std if equalized else 1.0
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return F.embedding(c, self.weight) * self.scale
+
+
 class PixelNorm(nn.Module):
     """Normalise each pixel's feature vector to unit average square (PG-GAN)."""
 

@@ -9,6 +9,10 @@ Generator: L_G = -E[D(G(z, c), c)]
 ``c`` for the real image, the fake and the interpolate: the penalty constrains the critic's
 gradient along class-conditioned paths. The Wasserstein estimate logged during training is
 ``E[D(x, c)] - E[D(G(z, c), c)]``.
+
+Lazy regularisation (StyleGAN2): with ``gp_interval = k`` the penalty is computed on every
+k-th critic step only and weighted ``k * lambda``, so its average pull is unchanged at about
+1/k of its cost (the penalty's double backward is about half a critic step).
 """
 
 from __future__ import annotations
@@ -43,23 +47,65 @@ def critic_loss(
     fake: torch.Tensor,
     c: torch.Tensor,
     u: torch.Tensor,
-    gp_lambda: float,
+    gp_weight: float,
     drift_epsilon: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The critic's WGAN-GP loss and its parts (detached) for logging.
 
+    Args:
+        gp_weight: weight of the gradient penalty on this step: ``gp_lambda``, or
+            ``gp_interval * gp_lambda`` on a lazy step; 0 skips the penalty (not computed).
+
     Returns:
-        ``(loss, {"wasserstein", "gp", "drift"})``.
+        ``(loss, stats)``: stats ``wasserstein``, ``drift``, ``d_real`` (the scores, [N],
+        for adaptive augmentation) and, when the penalty was computed, ``gp``.
     """
     d_real = D(real, c).float()                                          # [N]
     d_fake = D(fake, c).float()                                          # [N]
-    gp = gradient_penalty(D, real, fake, c, u)
     drift = d_real.pow(2).mean()
-    loss = d_fake.mean() - d_real.mean() + gp_lambda * gp + drift_epsilon * drift
-    stats = {"wasserstein": (d_real.mean() - d_fake.mean()).detach(), "gp": gp.detach(), "drift": drift.detach()}
+    loss = d_fake.mean() - d_real.mean() + drift_epsilon * drift
+    stats = {"wasserstein": (d_real.mean() - d_fake.mean()).detach(), "drift": drift.detach(), "d_real": d_real.detach()}
+    if gp_weight > 0:
+        gp = gradient_penalty(D, real, fake, c, u)
+        loss = loss + gp_weight * gp
+        stats["gp"] = gp.detach()
     return loss, stats
 
 
 def generator_loss(D: nn.Module, fake: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``-E[D(G(z, c), c)]``."""
     return -D(fake, c).float().mean()
+
+
+class LossStats:
+    """Running means of named training statistics (0-d tensors, kept on the device).
+
+    ``add(name=value, ...)`` accumulates; ``means()`` returns ``{name: float}`` over the
+    values added since the last ``reset`` (the one host sync, at log time). A name added on
+    some steps only (the lazy gradient penalty) is averaged over the steps it was added.
+    """
+
+    def __init__(self):
+        self._sum: dict[str, torch.Tensor] = {}
+        self._n: dict[str, int] = {}
+
+    def add(self, **values: torch.Tensor) -> None:
+        for name, v in values.items():
+            v = v.detach().float()
+            self._sum[name] = self._sum[name] + v if name in self._sum else v.clone()
+            self._n[name] = self._n.get(name, 0) + 1
+
+    def names(self) -> list[str]:
+        return sorted(self._sum)
+
+    def means(self) -> dict[str, float]:
+        if not self._sum:
+            return {}
+        names = sorted(self._sum)
+        values = (torch.stack([self._sum[k] for k in names]) / torch.tensor([float(self._n[k]) for k in names],
+                                                                          device=self._sum[names[0]].device)).tolist()
+        return dict(zip(names, values))
+
+    def reset(self) -> None:
+        self._sum.clear()
+        self._n.clear()

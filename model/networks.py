@@ -5,12 +5,20 @@ critic, Miyato & Koyama 2018).
 Both networks are built for the final ``img_resolution`` and run at a *stage*
 resolution ``R`` (4, 8, ..., img_resolution) with a fade-in weight ``alpha``:
 
-* G: ``out = lerp(upsample(toRGB_{R/2}(h_{R/2})), toRGB_R(h_R), alpha)`` then the output
-  map to [-1, 1] (``model.output``: tanh by default). Upsampling is nearest-neighbour, so
-  at ``alpha = 0`` the output equals the previous stage's output, upsampled.
+* G: ``out = lerp(upsample(act(toRGB_{R/2}(h_{R/2}))), act(toRGB_R(h_R)), alpha)`` with
+  ``act`` the output map to [-1, 1] (``model.output``: tanh by default), so G's blend is the
+  same blend of images in [-1, 1] that the real images get (``model.fade_after_output``;
+  false blends before the map). Upsampling is nearest-neighbour, so at ``alpha = 0`` the
+  output equals the previous stage's output, upsampled.
 * D: ``h = lerp(fromRGB_{R/2}(downsample(x)), block_R(fromRGB_R(x)), alpha)`` and then the
   remaining blocks down to 4x4, minibatch stddev, and a raw score
   ``w . phi(x) + <embed(c), phi(x)>`` (projection conditioning, no sigmoid).
+
+G's input is ``[pixelnorm(z), pixelnorm(embed(c))]`` (``model.separate_label_norm``; false
+normalises the joined vector, where z outweighs a short embedding). Blocks at
+``model.light_resolutions`` have one 3x3 convolution instead of two (the full-resolution
+blocks dominate the cost). The critic's class embedding is equalised like its other layers
+(``model.d_embed_equalized``).
 
 ``set_stage(resolution, alpha)`` selects the stage; a trained G is at
 ``(img_resolution, 1.0)``.
@@ -26,6 +34,7 @@ from torch import nn
 from model.layers import (
     LRELU_GAIN,
     EqualizedConv2d,
+    EqualizedEmbedding,
     EqualizedLinear,
     MinibatchStdDev,
     PixelNorm,
@@ -93,11 +102,16 @@ class ProgressiveGenerator(_Stageful):
         equalized_lr: bool = True,                  # runtime He scaling
         pixel_norm: bool = True,                    # per-pixel feature normalisation
         output: str = "tanh",                       # tanh | clamp
+        fade_after_output: bool = True,             # blend the two stages' images after the output map
+        separate_label_norm: bool = True,           # normalise z and embed(c) each on its own
+        light_resolutions: tuple[int, ...] = (),    # one 3x3 conv (not two) in these blocks
     ):
         super().__init__()
         self._init_generator(z_dim, num_classes, img_resolution, img_channels, output)
         nf = lambda r: channels_at(r, fmap_base, fmap_max, fmap_min)  # noqa: E731
         eq = equalized_lr
+        self.fade_after_output = fade_after_output
+        self.separate_label_norm = separate_label_norm
         self.embed = nn.Embedding(num_classes, label_dim)
         self.norm = PixelNorm() if pixel_norm else nn.Identity()
         self.input = EqualizedLinear(z_dim + label_dim, nf(4) * 16, gain=LRELU_GAIN / 4, equalized=eq)
@@ -108,6 +122,8 @@ class ProgressiveGenerator(_Stageful):
             c_in = nf(4) if res == 4 else nf(res // 2)
             if res == 4:
                 self.blocks[str(res)] = nn.ModuleList([EqualizedConv2d(nf(4), nf(4), 3, equalized=eq)])
+            elif res in light_resolutions:
+                self.blocks[str(res)] = nn.ModuleList([EqualizedConv2d(c_in, nf(res), 3, equalized=eq)])
             else:
                 self.blocks[str(res)] = nn.ModuleList([
                     EqualizedConv2d(c_in, nf(res), 3, equalized=eq),
@@ -129,7 +145,10 @@ class ProgressiveGenerator(_Stageful):
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Args: z [N, z_dim] float, c [N] int64. Returns [N, C, R, R] in [-1, 1]."""
         res, alpha = self.resolution, self.alpha
-        h = self.norm(torch.cat([z, self.embed(c)], dim=1))             # [N, z_dim + label_dim]
+        if self.separate_label_norm:
+            h = torch.cat([self.norm(z), self.norm(self.embed(c))], dim=1)   # [N, z_dim + label_dim]
+        else:
+            h = self.norm(torch.cat([z, self.embed(c)], dim=1))
         x = self.norm(lrelu(self.input(h))).reshape(z.shape[0], -1, 4, 4)  # [N, C4, 4, 4]
         prev = x
         for r in self.resolutions:
@@ -138,10 +157,12 @@ class ProgressiveGenerator(_Stageful):
             prev = x
             x = self._block(r, x)                                        # [N, C_r, r, r]
         out = self.to_rgb[str(res)](x)                                   # [N, C, R, R]
-        if res > 4 and alpha < 1.0:
-            old = upsample2x(self.to_rgb[str(res // 2)](prev))           # [N, C, R, R]
-            out = torch.lerp(old, out, alpha)
-        return to_output_range(out, self.output)
+        if res == 4 or alpha >= 1.0:
+            return to_output_range(out, self.output)
+        old = upsample2x(self.to_rgb[str(res // 2)](prev))               # [N, C, R, R]
+        if self.fade_after_output:
+            return torch.lerp(to_output_range(old, self.output), to_output_range(out, self.output), alpha)
+        return to_output_range(torch.lerp(old, out, alpha), self.output)
 
 
 class ProgressiveDiscriminator(_Stageful):
@@ -158,6 +179,8 @@ class ProgressiveDiscriminator(_Stageful):
         attention_resolutions: tuple[int, ...] = (32,),  # self-attention before these blocks
         equalized_lr: bool = True,
         mbstd_group: int = 4,                       # 0: no minibatch stddev
+        embed_equalized: bool = True,               # equalised projection embedding
+        light_resolutions: tuple[int, ...] = (),    # one 3x3 conv (not two) in these blocks
     ):
         super().__init__()
         self._init_stage(img_resolution)
@@ -170,17 +193,19 @@ class ProgressiveDiscriminator(_Stageful):
         for res in self.resolutions[1:]:
             if res in attention_resolutions:
                 self.attention[str(res)] = SelfAttention(nf(res), equalized=eq)
-            self.blocks[str(res)] = nn.ModuleList([
-                EqualizedConv2d(nf(res), nf(res), 3, equalized=eq),
-                EqualizedConv2d(nf(res), nf(res // 2), 3, equalized=eq),
-            ])
+            if res in light_resolutions:
+                self.blocks[str(res)] = nn.ModuleList([EqualizedConv2d(nf(res), nf(res // 2), 3, equalized=eq)])
+            else:
+                self.blocks[str(res)] = nn.ModuleList([
+                    EqualizedConv2d(nf(res), nf(res), 3, equalized=eq),
+                    EqualizedConv2d(nf(res), nf(res // 2), 3, equalized=eq),
+                ])
         self.mbstd = MinibatchStdDev(mbstd_group) if mbstd_group > 0 else None
         c4 = nf(4)
         self.final_conv = EqualizedConv2d(c4 + (1 if self.mbstd else 0), c4, 3, equalized=eq)
         self.final_dense = EqualizedLinear(c4 * 16, c4, equalized=eq)
         self.out = EqualizedLinear(c4, 1, gain=1.0, equalized=eq)
-        self.embed = nn.Embedding(num_classes, c4)                       # projection conditioning
-        nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(c4))
+        self.embed = EqualizedEmbedding(num_classes, c4, equalized=embed_equalized and eq)  # projection conditioning
 
     def _block(self, res: int, x: torch.Tensor) -> torch.Tensor:
         if str(res) in self.attention:

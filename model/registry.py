@@ -9,15 +9,16 @@ only use the common surface every G/D has: ``G(z, c)``, ``D(x, c)``, ``set_stage
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-from torch import nn
-
+from model.schedule import PROGRESSIVE_VARIANTS
 from radsynth.config import ModelConfig
 from radsynth.errors import RadsynthError
 
-Builder = Callable[[ModelConfig, int, int, int], tuple[nn.Module, nn.Module]]
+if TYPE_CHECKING:   # torch is imported only when networks are built (the KFP compile needs none)
+    from torch import nn
+
+Builder = Callable[[ModelConfig, int, int, int], Any]   # -> (G, D)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +37,13 @@ def _build_pgcgan_sa(cfg: ModelConfig, num_classes: int, img_channels: int, img_
     G = ProgressiveGenerator(
         z_dim=cfg.z_dim, num_classes=num_classes, img_resolution=img_resolution, img_channels=img_channels,
         label_dim=cfg.label_dim, attention_resolutions=cfg.attention_resolutions, equalized_lr=cfg.equalized_lr,
-        pixel_norm=cfg.pixel_norm, output=cfg.output, **fmaps,
+        pixel_norm=cfg.pixel_norm, output=cfg.output, fade_after_output=cfg.fade_after_output,
+        separate_label_norm=cfg.separate_label_norm, light_resolutions=cfg.light_resolutions, **fmaps,
     )
     D = ProgressiveDiscriminator(
         num_classes=num_classes, img_resolution=img_resolution, img_channels=img_channels,
         attention_resolutions=cfg.attention_resolutions, equalized_lr=cfg.equalized_lr,
-        mbstd_group=cfg.mbstd_group, **fmaps,
+        mbstd_group=cfg.mbstd_group, embed_equalized=cfg.d_embed_equalized, light_resolutions=cfg.light_resolutions, **fmaps,
     )
     return G, D
 
@@ -67,6 +69,9 @@ VARIANTS: dict[str, Variant] = {
     "dcgan": Variant(_build_dcgan, progressive=False,
                      description="conditional DCGAN baseline at full resolution"),
 }
+
+
+assert {k for k, v in VARIANTS.items() if v.progressive} == PROGRESSIVE_VARIANTS, "model.schedule.PROGRESSIVE_VARIANTS is stale"
 
 
 def get_variant(name: str) -> Variant:
@@ -97,6 +102,8 @@ def build_networks(
         ``(G, D)`` at stage ``(img_resolution, alpha=1)``. Both carry ``model_cfg``, ``variant``,
         ``num_classes``, ``img_resolution``, ``img_channels``; G also ``z_dim``.
     """
+    import torch
+
     variant = get_variant(model_cfg.variant)
     if num_classes < 1:
         raise RadsynthError(f"num_classes must be >= 1, got {num_classes}")

@@ -1,27 +1,37 @@
-"""Progressive WGAN-GP training loop: stages, fade-in, EMA, checkpoints, resume, DDP, tracking.
+"""Progressive WGAN-GP training loop: stages, fade-in, augmentation, EMA, checkpoints, resume.
 
-Schedule (``train:`` in params): stages at ``start_resolution, 2x, ..., final_resolution``.
-The first stage only stabilises (``alpha = 1``); every later stage fades in
-(``alpha`` from 0 to 1 linearly over ``kimg_fade``) and then stabilises (``kimg_stabilize``).
-Progress is counted in real images shown to the critic (kimg). One *iteration* is
-``n_critic`` critic steps and one G step, i.e. ``n_critic * batch`` real images. A
-non-progressive variant (``dcgan``) trains one stage at full resolution for the same total
-kimg, with the same batch as the last progressive stage.
+The schedule (stages, kimg, EMA decay) is :mod:`model.schedule` (no torch); devices, threads
+and DDP collectives are :mod:`model.distributed`; MLflow is
+:class:`radsynth.tracking.TrainingTracker`. This module holds the loop.
+
+One iteration: ``n_critic`` critic steps, then one G step. Each critic step draws a batch
+of real images and class labels (at data frequency, or uniformly over classes with
+``balanced_classes``), the same classes for the fakes, and minimises the WGAN-GP loss
+(:mod:`model.losses`; the penalty on every ``gp_interval``-th critic step only, weighted by
+the interval). D sees real and fake images through the same differentiable augmentation
+(:mod:`model.augment`, probability ``augment_p`` or adaptive towards ``augment_target``).
+After the G step, ``G_ema`` moves towards G with a half-life of ``ema_kimg``.
 
 During a fade-in the real images are faded too (PG-GAN):
-``real = lerp(upsample(x_{R/2}), x_R, alpha)``, so real and fake go through the same blend.
+``real = lerp(upsample(x_{R/2}), x_R, alpha)``, in [-1, 1] image space, the same blend G
+applies after its output map (``model.fade_after_output``). ``reset_optimizers`` starts each
+new resolution with fresh Adam moments (the new layers' gradients have other scales).
 
 Checkpoints go to ``<out>/stage_<R>/checkpoint.json`` (+ a safetensors file): weights of
-G, D and G_ema, both Adam states, the RNG state of every rank, the iteration, and the metric
-history. They are written every ``checkpoint_kimg`` and at the end of the stage (then marked
-``complete``). All randomness comes from one seeded ``torch.Generator`` per rank, so a run
-that is killed and resumed from its last checkpoint performs exactly the same operations as
-an uninterrupted one (bitwise-equal weights on CPU).
+G, D and G_ema, both Adam states, the RNG state of every rank, the adaptive augmentation
+state, the iteration, and the metric history. They are written every ``checkpoint_kimg``
+and at the end of the stage (then marked ``complete``). All randomness comes from one
+seeded ``torch.Generator`` per rank on the rank's device, so a run that is killed and
+resumed from its last checkpoint performs exactly the same operations as an uninterrupted
+one (bitwise-equal weights on CPU with a fixed ``train.threads``).
 
-DDP (``torchrun``): ranks start from the same weights, each draws its own batch
+While it runs, rank 0 logs metrics every ``log_kimg`` (MLflow and ``<out>/history.tsv``,
+which ``dvc plots`` draws against kimg) and fixed-z grids per condition every
+``grid_kimg`` (``stage_<R>/progress/``, MLflow ``grids/progress``).
+
+DDP (``torchrun``): ranks start from the same weights, each draws its own batch share
 (``batch / world_size`` images, own RNG stream), and gradients are averaged with one
-``all_reduce`` per step (the gradient penalty's double backward rules out DDP's reducer
-hooks). Rank 0 writes checkpoints, grids, logs and MLflow.
+``all_reduce`` per step. Rank 0 writes checkpoints, grids, logs and MLflow.
 """
 
 from __future__ import annotations
@@ -39,17 +49,29 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from model.checkpoint import CheckpointError, load_state, model_config_to_dict, save_generator, save_state, state_exists
+from model.augment import AdaptiveP, augment
+from model.checkpoint import CheckpointError, load_state, save_generator, save_state, state_exists
+from model.distributed import (
+    CpuThreads,
+    all_finite,
+    allreduce_mean,
+    allreduce_sum,
+    gather_rng_states,
+    params_sha256,
+    resolve_device,
+    setup_distributed,
+)
 from model.layers import upsample2x
-from model.losses import critic_loss, generator_loss
+from model.losses import LossStats, critic_loss, generator_loss
 from model.registry import build_networks, get_variant
 from model.sampling import class_grid, save_grid_png
-from radsynth.config import Params, TrainConfig
+from model.schedule import Stage, TrainingError, build_schedule, ema_beta, every
+from radsynth.config import Params
 from radsynth.dataset import Dataset
-from radsynth.errors import RadsynthError
-from radsynth.tracking import data_version
+from radsynth.tracking import TrainingTracker, data_version
+
+__all__ = ["Stage", "Trainer", "TrainingError", "build_schedule", "train_networks"]
 
 # Training metric names (MLflow keys and history columns).
 LOSS_D = "train/loss_D"
@@ -57,92 +79,18 @@ LOSS_G = "train/loss_G"
 WASSERSTEIN = "train/wasserstein"
 GRADIENT_PENALTY = "train/gradient_penalty"
 DRIFT = "train/drift"
+AUGMENT_P = "train/augment_p"
 IMAGES_PER_S = "train/images_per_s"
+THREADS = "train/threads"
 ALPHA = "train/alpha"
 RESOLUTION = "train/resolution"
 KIMG = "kimg"
+HISTORY_COLUMNS = (KIMG, RESOLUTION, ALPHA, LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT, AUGMENT_P, IMAGES_PER_S, THREADS)
+HISTORY_TSV = "history.tsv"
 
 # Train keys that do not change the arithmetic (excluded from the resume compatibility check).
-_NON_MATH_KEYS = {"device", "threads", "checkpoint_kimg", "log_kimg", "grid_per_class", "grid_seed", "tracking", "progress"}
-
-
-class TrainingError(RadsynthError):
-    """Training cannot start or continue (schedule, data, checkpoint or divergence)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One resolution stage of the schedule."""
-
-    resolution: int         # stage resolution R
-    batch: int              # global minibatch
-    fade_iters: int         # iterations with alpha rising 0 -> 1 (0 for the first stage)
-    stabilize_iters: int    # iterations at alpha 1
-    images_per_iter: int    # n_critic * batch real images per iteration
-
-    @property
-    def total_iters(self) -> int:
-        return self.fade_iters + self.stabilize_iters
-
-    def alpha(self, it: int) -> float:
-        """Fade-in weight at iteration ``it`` of this stage."""
-        return min(1.0, it / self.fade_iters) if self.fade_iters and it < self.fade_iters else 1.0
-
-    @property
-    def kimg(self) -> float:
-        return self.total_iters * self.images_per_iter / 1000.0
-
-
-def batch_at(cfg: TrainConfig, res: int) -> int:
-    return int(cfg.batch_per_resolution.get(res, cfg.batch_size))
-
-
-def kimg_at(cfg: TrainConfig, res: int) -> tuple[float, float]:
-    """(fade, stabilize) kimg of the stage at ``res``: ``kimg_per_resolution`` or the defaults."""
-    if res not in cfg.kimg_per_resolution:
-        return float(cfg.kimg_fade), float(cfg.kimg_stabilize)
-    pair = cfg.kimg_per_resolution[res]
-    if len(pair) != 2 or min(pair) < 0:
-        raise TrainingError(f"train.kimg_per_resolution.{res} must be [fade_kimg, stabilize_kimg] (two numbers >= 0), got {list(pair)}")
-    return float(pair[0]), float(pair[1])
-
-
-def build_schedule(cfg: TrainConfig, img_resolution: int, progressive: bool) -> list[Stage]:
-    """The stages of a run (see module docstring)."""
-    res0 = cfg.start_resolution
-    if res0 < 4 or res0 & (res0 - 1) or res0 > img_resolution:
-        raise TrainingError(f"train.start_resolution must be a power of two in [4, {img_resolution}], got {res0}")
-    if cfg.n_critic < 1:
-        raise TrainingError(f"train.n_critic must be >= 1, got {cfg.n_critic}")
-
-    def iters(kimg: float, batch: int) -> int:
-        return int(math.ceil(round(kimg * 1000.0 / (cfg.n_critic * batch), 6))) if kimg > 0 else 0
-
-    resolutions = []
-    r = res0
-    while r <= img_resolution:
-        resolutions.append(r)
-        r *= 2
-    for r in resolutions:
-        if batch_at(cfg, r) < 1:
-            raise TrainingError(f"train batch size at {r} must be >= 1")
-    if progressive:
-        stages = []
-        for i, r in enumerate(resolutions):
-            b = batch_at(cfg, r)
-            fade, stabilize = kimg_at(cfg, r)
-            stages.append(Stage(r, b, 0 if i == 0 else iters(fade, b), iters(stabilize, b), cfg.n_critic * b))
-        if stages[0].total_iters == 0:
-            raise TrainingError(f"train.kimg_stabilize (or train.kimg_per_resolution.{res0}) must be > 0 for the first stage")
-        return stages
-    # One full-resolution stage with the same real-image budget as the progressive schedule.
-    budgets = [kimg_at(cfg, r) for r in resolutions]                 # [(fade, stabilize)] per resolution
-    total_kimg = sum(stabilize + (fade if i else 0.0) for i, (fade, stabilize) in enumerate(budgets))
-    b = batch_at(cfg, img_resolution)
-    n = iters(total_kimg, b)
-    if n == 0:
-        raise TrainingError("train.kimg_fade + train.kimg_stabilize must give > 0 kimg")
-    return [Stage(img_resolution, b, 0, n, cfg.n_critic * b)]
+_NON_MATH_KEYS = {"recipe", "device", "threads", "checkpoint_kimg", "log_kimg", "grid_kimg", "grid_per_class", "grid_seed",
+                  "tracking", "tracking_retries", "progress"}
 
 
 def config_digest(params: Params, classes: list[str]) -> str:
@@ -161,139 +109,6 @@ def checkpoint_path(out_dir: Path, res: int) -> Path:
     return stage_dir(out_dir, res) / "checkpoint.json"
 
 
-# --------------------------------------------------------------------------------------
-# Distributed helpers
-# --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def setup_distributed(device: torch.device) -> Dist:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    owns = False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        owns = True
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), owns_group=owns)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"train.device={name!r} but CUDA is not available here; use auto or cpu")
-    return device
-
-
-def _allreduce_mean(tensors: list[torch.Tensor], world: int) -> None:
-    if world <= 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
-        offset += n
-
-
-def params_sha256(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------------------
-# Tracking (rank 0 only; a no-op when disabled)
-# --------------------------------------------------------------------------------------
-
-
-class _Tracker:
-    def __init__(self, params: Params, enabled: bool):
-        self.params = params
-        self.enabled = enabled
-        self.run_id: str | None = None
-
-    def start(self, run_id: str | None, tags: dict[str, str]) -> str | None:
-        if not self.enabled:
-            return None
-        import mlflow
-
-        from radsynth.tracking import provenance, setup_mlflow
-
-        setup_mlflow(self.params)
-        run = None
-        if run_id:
-            try:
-                run = mlflow.start_run(run_id=run_id)
-            except Exception:  # run from another tracking store: start a fresh one
-                run = None
-        if run is None:
-            run = mlflow.start_run(run_name=f"train-{self.params.model.variant}")
-            mlflow.log_params(_flatten(self.params.to_dict()))
-        mlflow.set_tags({**provenance(self.params), **tags})
-        self.run_id = run.info.run_id
-        return self.run_id
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        if self.enabled:
-            import mlflow
-
-            mlflow.log_metrics({k: v for k, v in values.items() if k != KIMG and math.isfinite(v)}, step=step)
-
-    def artifact(self, path: Path, folder: str) -> None:
-        if self.enabled:
-            import mlflow
-
-            mlflow.log_artifact(str(path), artifact_path=folder)
-
-    def end(self, status: str = "FINISHED") -> None:
-        if self.enabled and self.run_id:
-            import mlflow
-
-            mlflow.end_run(status=status)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else v
-    return out
-
-
-# --------------------------------------------------------------------------------------
-# The trainer
-# --------------------------------------------------------------------------------------
-
-
 class Trainer:
     """Holds G, D, G_ema, optimisers, data and RNG; trains stage by stage.
 
@@ -307,10 +122,11 @@ class Trainer:
         self.classes = dataset.classes
         self.on_iteration = on_iteration
         self.device = resolve_device(self.cfg.device)
-        if self.cfg.threads > 0:
-            torch.set_num_threads(self.cfg.threads)
+        self.threads = CpuThreads(self.cfg.threads)
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads.initial())
         self.dist = setup_distributed(self.device)
-        self.amp = bool(self.cfg.amp and self.device.type == "cuda")
+        self.amp = bool(self.cfg.amp and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.variant = get_variant(params.model.variant)
@@ -327,19 +143,23 @@ class Trainer:
         self.G.to(self.device)
         self.D.to(self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        betas = (self.cfg.beta1, self.cfg.beta2)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr_g, betas=betas)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=self.cfg.lr_d, betas=betas)
-        self.gen = torch.Generator().manual_seed(params.seed * 1000 + self.dist.rank)
+        self._make_optimizers()
+        self.gen = torch.Generator(device=self.device).manual_seed(params.seed * 1000 + self.dist.rank)
+        self.ada = AdaptiveP(self.cfg.augment_p, self.cfg.augment_target, self.cfg.augment_kimg, self.device) \
+            if self.cfg.augment and self.cfg.augment_target > 0 else None
         self.stage_index = 0
         self.it = 0                     # iterations done in the current stage
-        self.g_steps = 0                # total G steps (EMA warm-up)
+        self.g_steps = 0                # total G steps
         self.history: list[dict[str, float]] = []
         self.run_id: str | None = None
         self.position: tuple[int, int] | None = None   # (stage index, it) the in-memory state is at
-        self.tracker = _Tracker(params, self.cfg.tracking and self.dist.main)
-        self._acc = torch.zeros(5, device=self.device)
-        self._acc_n = 0
+        self.tracker = TrainingTracker(params, self.cfg.tracking and self.dist.main, retries=self.cfg.tracking_retries)
+        self.stats = LossStats()
+
+    def _make_optimizers(self) -> None:
+        betas = (self.cfg.beta1, self.cfg.beta2)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr_g, betas=betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=self.cfg.lr_d, betas=betas)
 
     # ---- data -----------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -357,11 +177,11 @@ class Trainer:
                       for r in sorted(needed)}                                          # {R: uint8 [N, C, R, R]}
         self.num_train = int(self.labels.shape[0])
         # Class-balanced draws: indices sorted by class, each class's [start, start + count) slice.
-        counts = torch.bincount(self.labels.cpu(), minlength=self.dataset.num_classes)
-        self._by_class = torch.argsort(self.labels.cpu(), stable=True)                   # [N]
+        counts = torch.bincount(self.labels, minlength=self.dataset.num_classes)       # [K]
+        self._by_class = torch.argsort(self.labels, stable=True)                        # [N]
         self._class_start = torch.cumsum(counts, 0) - counts                             # [K]
         self._class_count = counts                                                       # [K]
-        self._present = torch.nonzero(counts).flatten()                                  # classes with images
+        self._present = torch.nonzero(counts.cpu()).flatten().to(self.device)            # classes with images
 
     def _real_batch(self, idx: torch.Tensor, stage: Stage, alpha: float) -> torch.Tensor:
         """Real images [n, C, R, R] in [-1, 1] (``radsynth.dataset.to_float`` arithmetic)."""
@@ -376,15 +196,29 @@ class Trainer:
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp)
 
     def _draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices, z and penalty weights, drawn on the device (no host-device sync)."""
+        g, dev = self.gen, self.device
         if self.cfg.balanced_classes:
-            k = self._present[torch.randint(len(self._present), (n,), generator=self.gen)]   # [n] uniform classes
-            offset = (torch.rand(n, generator=self.gen) * self._class_count[k]).long()
+            k = self._present[torch.randint(len(self._present), (n,), generator=g, device=dev)]   # [n] uniform classes
+            offset = (torch.rand(n, generator=g, device=dev) * self._class_count[k]).long()
             idx = self._by_class[self._class_start[k] + offset]
         else:
-            idx = torch.randint(self.num_train, (n,), generator=self.gen)
-        z = torch.randn(n, self.G.z_dim, generator=self.gen)
-        u = torch.rand(n, 1, 1, 1, generator=self.gen)
-        return idx.to(self.device), z.to(self.device), u.to(self.device)
+            idx = torch.randint(self.num_train, (n,), generator=g, device=dev)
+        z = torch.randn(n, self.G.z_dim, generator=g, device=dev)
+        u = torch.rand(n, 1, 1, 1, generator=g, device=dev)
+        return idx, z, u
+
+    @property
+    def augment_p(self) -> float | torch.Tensor:
+        return self.ada.p if self.ada is not None else self.cfg.augment_p
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        return augment(x, self.cfg.augment, self.augment_p, self.gen) if self.cfg.augment else x
+
+    def gp_weight(self, critic_step: int) -> float:
+        """Penalty weight of critic step ``critic_step`` of the stage (lazy: k * lambda every k-th)."""
+        k = self.cfg.gp_interval
+        return self.cfg.gp_lambda * k if critic_step % k == 0 else 0.0
 
     def _iteration(self, stage: Stage, alpha: float) -> None:
         cfg, n = self.cfg, stage.batch // self.dist.world
@@ -393,58 +227,61 @@ class Trainer:
         # critic steps
         self.G.requires_grad_(False)
         self.D.requires_grad_(True)
-        for _ in range(cfg.n_critic):
+        for j in range(cfg.n_critic):
             idx, z, u = self._draw(n)
             c = self.labels[idx]
             real = self._real_batch(idx, stage, alpha)                              # [n, C, R, R]
             with torch.no_grad(), self._autocast():
                 fake = self.G(z, c).float()                                          # [n, C, R, R]
             with self._autocast():
-                loss_d, stats = critic_loss(self.D, real, fake, c, u, cfg.gp_lambda, cfg.drift_epsilon)
+                loss_d, parts = critic_loss(self.D, self._augment(real), self._augment(fake), c, u,
+                                            self.gp_weight(self.it * cfg.n_critic + j), cfg.drift_epsilon)
             self.opt_D.zero_grad(set_to_none=True)
             loss_d.backward()
-            _allreduce_mean([p.grad for p in self.D.parameters() if p.grad is not None], self.dist.world)
+            allreduce_mean([p.grad for p in self.D.parameters() if p.grad is not None], self.dist.world)
             self.opt_D.step()
+            self.stats.add(**{LOSS_D: loss_d, WASSERSTEIN: parts["wasserstein"], DRIFT: parts["drift"]})
+            if "gp" in parts:
+                self.stats.add(**{GRADIENT_PENALTY: parts["gp"]})
+            if self.ada is not None:
+                self.ada.accumulate(parts["d_real"])
         # generator step (classes drawn like the critic's: data frequency, or uniform when balanced)
         self.G.requires_grad_(True)
         self.D.requires_grad_(False)
         idx, z, _ = self._draw(n)
         c = self.labels[idx]
         with self._autocast():
-            loss_g = generator_loss(self.D, self.G(z, c), c)
+            loss_g = generator_loss(self.D, self._augment(self.G(z, c)), c)
         self.opt_G.zero_grad(set_to_none=True)
         loss_g.backward()
-        _allreduce_mean([p.grad for p in self.G.parameters() if p.grad is not None], self.dist.world)
+        allreduce_mean([p.grad for p in self.G.parameters() if p.grad is not None], self.dist.world)
         self.opt_G.step()
-        _allreduce_mean([b for b in self.G.buffers() if b.is_floating_point()], self.dist.world)
-        self._update_ema()
-        self._acc += torch.stack([loss_d.detach().float(), loss_g.detach().float(), stats["wasserstein"], stats["gp"], stats["drift"]])
-        self._acc_n += 1
+        allreduce_mean([b for b in self.G.buffers() if b.is_floating_point()], self.dist.world)
+        self.stats.add(**{LOSS_G: loss_g})
+        self.g_steps += 1
+        self._update_ema(stage)
+        if self.ada is not None and (self.it + 1) % cfg.augment_interval == 0:
+            self.ada.adjust(allreduce_sum(self.ada.stats(), self.dist.world), cfg.augment_interval * stage.images_per_iter)
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
-        self.g_steps += 1
-        beta = min(self.cfg.ema_beta, (1.0 + self.g_steps) / (10.0 + self.g_steps))  # warm-up for short runs
-        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - beta)
+    def _update_ema(self, stage: Stage) -> None:
+        beta = ema_beta(self.cfg, stage.images_per_iter, self.kimg + stage.images_per_iter / 1000.0)
+        ema, live = list(self.G_ema.parameters()), [p.detach() for p in self.G.parameters()]
+        if ema:
+            torch._foreach_lerp_(ema, live, 1.0 - beta)
         for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
             b_ema.copy_(b)
 
     # ---- state ------------------------------------------------------------------------
-    def _gather_rng(self) -> list[torch.Tensor]:
-        state = self.gen.get_state()
-        if self.dist.world <= 1:
-            return [state]
-        out = [torch.empty_like(state) for _ in range(self.dist.world)]
-        dist.all_gather(out, state)
-        return out
-
     def state(self) -> dict[str, Any]:
-        return {
+        state = {
             "G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
             "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
-            "rng": self._gather_rng(),
+            "rng": gather_rng_states(self.gen, self.dist),
         }
+        if self.ada is not None:
+            state["ada"] = {"p": self.ada.p, "stats": self.ada.stats()}
+        return state
 
     def info(self, complete: bool) -> dict[str, Any]:
         st = self.schedule[self.stage_index]
@@ -484,6 +321,9 @@ class Trainer:
         self.opt_D.load_state_dict(state["opt_D"])
         rng = state["rng"]
         self.gen.set_state(rng[self.dist.rank % len(rng)])
+        if self.ada is not None and "ada" in state:
+            self.ada.p = state["ada"]["p"].to(self.device)
+            self.ada._sign_sum, self.ada._count = (t.to(self.device).clone() for t in state["ada"]["stats"])
         self.stage_index, self.it, self.g_steps = info["stage_index"], info["iteration"], info["g_steps"]
         self.history, self.run_id = list(info["history"]), info.get("mlflow_run_id")
         self.position = (self.stage_index, self.it)
@@ -495,7 +335,8 @@ class Trainer:
 
         Order: the stage's own checkpoint (``resume``), else the in-memory state when it is
         the finished previous stage, else the previous stage's finished checkpoint, else
-        (first stage) the freshly initialised networks.
+        (first stage) the freshly initialised networks. A new stage after the first starts
+        with fresh Adam moments when ``train.reset_optimizers`` is set.
 
         Returns:
             True when the stage is already complete.
@@ -517,29 +358,40 @@ class Trainer:
                 info = self.load(path)
                 if not info["complete"]:
                     raise TrainingError(f"stage {prev.resolution} in {path.parent} is not finished; resume it with --stage {prev.resolution}")
+            if self.cfg.reset_optimizers:
+                self._make_optimizers()
         self.stage_index, self.it = index, 0
         self.position = (index, 0)
         return False
 
     def _log(self, st: Stage, alpha: float, seconds: float, images: int, bar) -> None:
-        acc = (self._acc / max(self._acc_n, 1)).tolist()   # rank 0's running means (gradients are averaged)
-        row = {KIMG: round(self.kimg, 4), LOSS_D: acc[0], LOSS_G: acc[1], WASSERSTEIN: acc[2], GRADIENT_PENALTY: acc[3], DRIFT: acc[4],
-               IMAGES_PER_S: images / max(seconds, 1e-9), ALPHA: alpha, RESOLUTION: float(st.resolution)}
-        self._acc.zero_()
-        self._acc_n = 0
-        if not all(math.isfinite(row[k]) for k in (LOSS_D, LOSS_G)):
-            raise TrainingError(f"training diverged at {self.kimg:.1f} kimg (loss is {row[LOSS_D]}); lower train.lr_d/lr_g or raise gp_lambda")
+        means = self.stats.means()     # rank 0's running means (gradients are averaged)
+        self.stats.reset()
+        row = {KIMG: round(self.kimg, 4), RESOLUTION: float(st.resolution), ALPHA: alpha,
+               **{k: means.get(k, float("nan")) for k in (LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT)},
+               AUGMENT_P: float(self.augment_p) if self.cfg.augment else 0.0,
+               IMAGES_PER_S: images / max(seconds, 1e-9), THREADS: float(torch.get_num_threads())}
+        if not all_finite([row[LOSS_D], row[LOSS_G]], self.dist):
+            raise TrainingError(f"training diverged at {self.kimg:.1f} kimg (loss_D {row[LOSS_D]}, loss_G {row[LOSS_G]} on rank "
+                                f"{self.dist.rank}); lower train.lr_d/lr_g or raise gp_lambda")
         self.history.append(row)
         if self.dist.main:
             self.tracker.metrics(row, step=int(round(self.kimg * 1000)))
+            write_history_tsv(self.out_dir / HISTORY_TSV, self.history)
             if bar is not None:
-                bar.set_postfix_str(f"res {st.resolution} a {alpha:.2f} D {acc[0]:+.3f} G {acc[1]:+.3f} W {acc[2]:+.3f} gp {acc[3]:.3f}")
+                bar.set_postfix_str(f"res {st.resolution} a {alpha:.2f} D {row[LOSS_D]:+.3f} G {row[LOSS_G]:+.3f} "
+                                    f"W {row[WASSERSTEIN]:+.3f} p {row[AUGMENT_P]:.2f}")
+        if self.device.type == "cpu":
+            threads = self.threads.update()
+            if threads and threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
 
     def train_stage(self, index: int, bar=None) -> None:
         st = self.schedule[index]
         cfg = self.cfg
-        log_every = max(1, round(cfg.log_kimg * 1000 / st.images_per_iter))
-        ckpt_every = max(1, round(cfg.checkpoint_kimg * 1000 / st.images_per_iter))
+        log_every = every(cfg.log_kimg, st.images_per_iter)
+        ckpt_every = every(cfg.checkpoint_kimg, st.images_per_iter)
+        grid_every = every(cfg.grid_kimg, st.images_per_iter) if cfg.grid_kimg > 0 else 0
         self.G.train()
         self.D.train()
         t0, imgs = time.perf_counter(), 0
@@ -557,10 +409,25 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 self._log(st, alpha, time.perf_counter() - t0, imgs, bar)
                 t0, imgs = time.perf_counter(), 0
+            if grid_every and self.it % grid_every == 0 and not done:
+                self.progress_grid(st, alpha)
             if self.it % ckpt_every == 0 or done:
                 self.save(complete=done)
             if self.on_iteration is not None:
                 self.on_iteration(self)
+
+    def _grid(self, resolution: int, alpha: float, path: Path) -> Path:
+        self.G_ema.set_stage(resolution, alpha)
+        grid = class_grid(self.G_ema, len(self.classes), self.cfg.grid_per_class, self.cfg.grid_seed)
+        return save_grid_png(path, grid, self.classes)
+
+    def progress_grid(self, st: Stage, alpha: float) -> Path | None:
+        """G_ema at the fixed grid z, every condition, now (rank 0): file + MLflow ``grids/progress``."""
+        if not self.dist.main:
+            return None
+        path = self._grid(st.resolution, alpha, stage_dir(self.out_dir, st.resolution) / "progress" / f"grid_{self.kimg:08.2f}kimg.png")
+        self.tracker.artifact(path, "grids/progress")
+        return path
 
     def stage_outputs(self, index: int) -> dict[str, Any]:
         """Grid of G_ema per condition at fixed z (rank 0), logged to MLflow."""
@@ -568,12 +435,24 @@ class Trainer:
         out: dict[str, Any] = {"resolution": st.resolution, "kimg": round(self.kimg, 3)}
         if not self.dist.main:
             return out
-        self.G_ema.set_stage(st.resolution, 1.0)
-        grid = class_grid(self.G_ema, len(self.classes), self.cfg.grid_per_class, self.cfg.grid_seed)
-        path = save_grid_png(stage_dir(self.out_dir, st.resolution) / f"grid_{st.resolution}.png", grid, self.classes)
+        path = self._grid(st.resolution, 1.0, stage_dir(self.out_dir, st.resolution) / f"grid_{st.resolution}.png")
         self.tracker.artifact(path, "grids")
         out["grid"] = str(path)
         return out
+
+
+def write_history_tsv(path: Path, history: list[dict[str, float]]) -> Path:
+    """The metric history as TSV (one row per log, ``kimg`` first): ``dvc plots`` reads it."""
+    from radsynth.io import atomic_write_text
+
+    lines = ["\t".join(HISTORY_COLUMNS)]
+    for row in history:
+        lines.append("\t".join(_tsv_value(row.get(k, float("nan"))) for k in HISTORY_COLUMNS))
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _tsv_value(v: float) -> str:
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.6g}"
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> Path | None:
@@ -590,7 +469,7 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> Path | None:
     kimg = [h[KIMG] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for key, ax_i in ((LOSS_D, 0), (LOSS_G, 0), (WASSERSTEIN, 1), (GRADIENT_PENALTY, 2)):
-        axes[ax_i].plot(kimg, [h[key] for h in history], label=key.split("/")[-1])
+        axes[ax_i].plot(kimg, [h.get(key, float("nan")) for h in history], label=key.split("/")[-1])
     changes = [history[i][KIMG] for i in range(1, len(history)) if history[i][RESOLUTION] != history[i - 1][RESOLUTION]]
     for ax, title in zip(axes, ("losses", "Wasserstein estimate", "gradient penalty")):
         for x in changes:
@@ -632,7 +511,8 @@ def train_networks(
     bar = tqdm(total=round(total_kimg, 3), unit="kimg", desc="train", disable=not (params.train.progress and trainer.dist.main),
                bar_format="{desc} {n:.1f}/{total:.1f} kimg |{bar}| {elapsed}<{remaining} {postfix}")
     t_start = time.perf_counter()
-    summary: dict[str, Any] = {"variant": params.model.variant, "schedule": [dataclasses.asdict(s) for s in schedule], "stages": []}
+    summary: dict[str, Any] = {"variant": params.model.variant, "recipe": params.train.recipe,
+                               "schedule": [dataclasses.asdict(s) for s in schedule], "stages": []}
     status = "FAILED"
     try:
         for index in indices:
@@ -640,7 +520,7 @@ def train_networks(
             bar.set_description(f"train {st.resolution}x{st.resolution}")
             already = trainer._prepare_stage(index, resume=resume)
             if trainer.tracker.enabled and trainer.tracker.run_id is None:
-                trainer.run_id = trainer.tracker.start(trainer.run_id, {"variant": params.model.variant})
+                trainer.run_id = trainer.tracker.start(trainer.run_id, {"variant": params.model.variant, "recipe": params.train.recipe})
             if already:
                 bar.update(st.kimg)
                 summary["stages"].append({"resolution": st.resolution, "skipped": "already complete"})
@@ -653,8 +533,10 @@ def train_networks(
         if final_done and trainer.dist.main:
             meta = {"classes": trainer.classes, "data_md5": str(dataset.meta.get("data_md5") or data_version()),
                     "params_digest": params.digest(), "kimg": round(trainer.kimg, 3), "config_digest": trainer.digest,
-                    "seed": params.seed, "train_run_id": trainer.run_id}
+                    "seed": params.seed, "train_run_id": trainer.run_id, "recipe": params.train.recipe}
             summary["G_ema"] = str(save_generator(out_dir / "G_ema.safetensors", trainer.G_ema, meta))
+        if trainer.dist.main and trainer.history:
+            write_history_tsv(out_dir / HISTORY_TSV, trainer.history)
         curves = plot_curves(trainer.history, out_dir / "curves.png") if trainer.dist.main else None
         if curves is not None:
             trainer.tracker.artifact(curves, "plots")
@@ -667,7 +549,8 @@ def train_networks(
             summary["rank_G_ema_sha256"] = [digest]
         summary.update(kimg=round(trainer.kimg, 3), complete=final_done, seconds=round(time.perf_counter() - t_start, 2),
                        last=trainer.history[-1] if trainer.history else {}, mlflow_run_id=trainer.run_id,
-                       world_size=trainer.dist.world, device=str(trainer.device), amp=trainer.amp)
+                       world_size=trainer.dist.world, device=str(trainer.device), amp=trainer.amp,
+                       threads=torch.get_num_threads(), tracking_warnings=trainer.tracker.failures)
         status = "FINISHED"
         return summary
     finally:

@@ -50,11 +50,9 @@ def stage_resolutions(params: Params) -> list[int]:
     ``train.final_resolution`` (0: ``data.img_resolution``) for a progressive variant, one
     full-resolution stage for a non-progressive one (``dcgan``).
     """
-    from model.registry import get_variant
-    from model.trainer import build_schedule
+    from model.schedule import stage_resolutions as resolutions   # torch-free
 
-    final = params.train.final_resolution or params.data.img_resolution
-    return [st.resolution for st in build_schedule(params.train, final, get_variant(params.model.variant).progressive)]
+    return resolutions(params.train, params.data.img_resolution, params.model.variant)
 
 
 def _limits(task: dsl.PipelineTask, cpu: str, memory: str, cfg: PipelineConfig) -> None:

@@ -12,6 +12,7 @@ objects, never raw dicts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -94,6 +95,10 @@ class ModelConfig:
     pixel_norm: bool = True                    # PG-GAN pixel-wise feature normalisation in G
     mbstd_group: int = 4                       # minibatch stddev group size in D (0: off)
     output: str = "tanh"                       # G output to [-1, 1]: tanh | clamp
+    fade_after_output: bool = True             # pgcgan-sa G fades after its output map, as the reals fade (false: before it)
+    separate_label_norm: bool = True           # pgcgan-sa G pixel-normalises z and the class embedding separately
+    d_embed_equalized: bool = True             # pgcgan-sa D projection embedding with equalised learning rate
+    light_resolutions: tuple[int, ...] = ()    # pgcgan-sa G/D blocks with one 3x3 conv instead of two at these resolutions
     dcgan_conditioning: str = "projection"     # dcgan D: projection | concat (label map on input)
 
 
@@ -101,6 +106,7 @@ class ModelConfig:
 class TrainConfig:
     """`train:` progressive schedule, optimiser, tracking (owner: components/train.py)."""
 
+    recipe: str = ""                           # named overlay of model/train keys from params.yaml `recipes:` ("": none)
     start_resolution: int = 4                  # first trained stage (power of two >= 4)
     final_resolution: int = 0                  # last stage; 0: the dataset's img_resolution
     kimg_fade: float = 600.0                   # kimg of real images per fade-in phase (alpha 0 -> 1)
@@ -114,17 +120,28 @@ class TrainConfig:
     beta2: float = 0.9                         # Adam beta2
     n_critic: int = 5                          # D steps per G step
     gp_lambda: float = 10.0                    # WGAN-GP gradient penalty weight
+    gp_interval: int = 1                       # lazy penalty: on every k-th critic step only, weighted k * gp_lambda
     drift_epsilon: float = 1e-3                # weight of mean(D(real)^2), keeps critic scores bounded
-    ema_beta: float = 0.999                    # G_ema <- beta * G_ema + (1 - beta) * G, every G step
+    ema_kimg: float = 10.0                     # G_ema half-life in kimg of progress (real images shown); 0: G_ema = G
+    ema_rampup: float = 0.0                    # half-life at most ema_rampup x the kimg done so far (0: off)
+    reset_optimizers: bool = False             # fresh Adam state (G and D) at the start of every new resolution stage
+    augment: tuple[str, ...] = ()              # D-input augmentations, real and fake alike: translation cutout brightness contrast
+    augment_p: float = 0.0                     # probability each op is applied to an image (start value when adaptive)
+    augment_target: float = 0.0                # adaptive p (ADA): target of E[sign D(real)]; 0: p stays fixed
+    augment_kimg: float = 100.0                # adaptive p: kimg for p to move by 1.0
+    augment_interval: int = 4                  # adaptive p: iterations between adjustments
     device: str = "auto"                       # auto | cpu | cuda | cuda:N
-    threads: int = 0                           # torch CPU threads; 0: torch's default (all cores)
+    ranks: int = 1                             # `radsynth train` processes (DDP, gloo on CPU); > 1: it relaunches itself under torchrun
+    threads: int = 0                           # torch CPU threads per process; 0: from the machine (model.distributed.CpuThreads)
     balanced_classes: bool = False             # draw training classes uniformly (else at data frequency)
-    amp: bool = True                           # bfloat16 autocast on CUDA (ignored on CPU)
+    amp: bool = True                           # bfloat16 autocast on CUDA where supported (ignored on CPU)
     checkpoint_kimg: float = 50.0              # periodic checkpoint interval (also at every stage end)
     log_kimg: float = 5.0                      # metrics / progress interval
-    grid_per_class: int = 8                    # fixed-z samples per condition in each stage's grid
+    grid_kimg: float = 0.0                     # fixed-z grids logged every this many kimg while training (0: stage ends only)
+    grid_per_class: int = 8                    # fixed-z samples per condition in each grid
     grid_seed: int = 2024                      # seed of the grid's fixed z (radsynth.latent)
     tracking: bool = True                      # MLflow tracking (params, metrics, grids, curves)
+    tracking_retries: int = 3                  # attempts per MLflow call before a warning (training never stops for it)
     progress: bool = True                      # tqdm progress bar
 
 
@@ -476,11 +493,48 @@ def load_params(
     if name not in profiles:
         known = ", ".join(sorted(profiles)) or "none defined"
         raise ConfigError(f"{path}: unknown profile {name!r} (known: {known})")
-    merged = _deep_merge(raw, profiles[name] or {}, where=f"profiles.{name}", path=path)
+    recipes = raw.pop("recipes", {}) or {}
+    if not isinstance(recipes, dict):
+        raise ConfigError(f"{path}: 'recipes' must be a mapping of named model/train overlays")
+    overlay = profiles[name] or {}
+    merged = _with_overrides(_deep_merge(raw, overlay, where=f"profiles.{name}", path=path), overrides, path)
+    recipe = (merged.get("train") or {}).get("recipe", "") if isinstance(merged.get("train"), dict) else ""
+    if recipe:
+        # Layers, later wins: base sections < the recipe < the profile's overlay < --set overrides.
+        layered = _deep_merge(raw, _resolve_recipe(recipes, recipe, path), where=f"recipes.{recipe}", path=path)
+        merged = _with_overrides(_deep_merge(layered, overlay, where=f"profiles.{name}", path=path), overrides, path)
     merged["profile"] = name
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(merged, dotted, value, path)
     return _build(Params, merged, prefix="", path=path)
+
+
+RECIPE_SECTIONS = ("model", "train")
+
+
+def _with_overrides(tree: dict, overrides: Mapping[str, Any] | None, path: Path) -> dict:
+    out = copy.deepcopy(tree)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(out, dotted, value, path)
+    return out
+
+
+def _resolve_recipe(recipes: dict, name: str, path: Path, seen: tuple[str, ...] = ()) -> dict:
+    """The overlay of recipe ``name``: its ``extends`` chain first, then its own ``model``/``train`` keys."""
+    if not isinstance(name, str) or name not in recipes:
+        known = ", ".join(sorted(recipes)) or "none defined"
+        raise ConfigError(f"{path}: train.recipe {name!r} is not a recipe in 'recipes' (known: {known})")
+    if name in seen:
+        raise ConfigError(f"{path}: recipes.{name}: 'extends' loops ({' -> '.join((*seen, name))})")
+    body = recipes[name] or {}
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}: recipes.{name} must be a mapping")
+    unknown = sorted(set(body) - {*RECIPE_SECTIONS, "extends", "about"})
+    if unknown:
+        raise ConfigError(f"{path}: recipes.{name}: unknown key {unknown[0]!r} (a recipe holds model, train, extends, about)")
+    if "recipe" in (body.get("train") or {}):
+        raise ConfigError(f"{path}: recipes.{name}.train.recipe: a recipe names its parent with 'extends'")
+    base = _resolve_recipe(recipes, body["extends"], path, (*seen, name)) if body.get("extends") else {}
+    own = {k: body[k] for k in RECIPE_SECTIONS if body.get(k)}
+    return _deep_merge(base, own, where=f"recipes.{name}", path=path)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

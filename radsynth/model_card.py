@@ -206,9 +206,14 @@ def render(
 
     t, m = params.train, params.model
     lines += ["", "## Training recipe", ""]
-    recipe = [("variant", m.variant), ("latent size z_dim", m.z_dim), ("loss", f"WGAN-GP (lambda {t.gp_lambda:g}, drift {t.drift_epsilon:g})"),
+    penalty = f"lambda {t.gp_lambda:g}" + (f", lazy: every {t.gp_interval} critic steps" if t.gp_interval > 1 else "")
+    augment = (f"{', '.join(t.augment)} (p {t.augment_p:g}" + (f", adaptive to {t.augment_target:g}" if t.augment_target else "") + ")"
+               if t.augment else "none")
+    recipe = [("recipe", t.recipe or "(params.yaml defaults)"), ("variant", m.variant), ("latent size z_dim", m.z_dim),
+              ("loss", f"WGAN-GP ({penalty}, drift {t.drift_epsilon:g})"),
               ("optimiser", f"Adam lr_G {t.lr_g:g}, lr_D {t.lr_d:g}, betas ({t.beta1:g}, {t.beta2:g}), {t.n_critic} critic steps per G step"),
-              ("G_ema decay", t.ema_beta), ("class-balanced sampling", t.balanced_classes),
+              ("G_ema", f"half-life {t.ema_kimg:g} kimg" if t.ema_kimg > 0 else "off (G_ema = G)"),
+              ("critic-input augmentation", augment), ("class-balanced sampling", t.balanced_classes),
               ("schedule", f"{t.start_resolution} -> {t.final_resolution or params.data.img_resolution} px, "
                            f"{t.kimg_fade:g} kimg fade + {t.kimg_stabilize:g} kimg stabilise per stage")]
     trained = [text for key, text in (("kimg", "{} kimg"), ("seconds", "in {} s"), ("device", "on {}"))

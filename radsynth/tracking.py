@@ -3,13 +3,19 @@
 Tracking and registry default to SQLite (``paths.mlflow_uri``) with a local artefact root;
 a server URI (``http://...``) is used as given. Provenance: git commit (``$RADSYNTH_GIT_COMMIT``
 inside the image), the pinned data version (the md5 in ``data.dvc``), and the params hash.
+:class:`TrainingTracker` is the training run's MLflow side (retried, never fatal).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
+import time
+import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
@@ -89,3 +95,99 @@ def provenance(params: Params) -> dict[str, str]:
         "params_digest": params.digest(),
         "profile": params.profile,
     }
+
+
+# --------------------------------------------------------------------------------------
+# The training run's tracker
+# --------------------------------------------------------------------------------------
+
+
+def flatten_params(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr_g": 1e-3}}`` -> ``{"train.lr_g": 1e-3}`` (lists and dicts as JSON)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten_params(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return out
+
+
+class TrainingTracker:
+    """MLflow for a training run (rank 0): params, provenance, metrics, images; never fatal.
+
+    Every MLflow call is tried ``retries`` times (doubling pause from ``backoff_s``); when it
+    still fails, one warning names the call and the error, and training goes on: a tracking
+    server that is down must not cost a run. A tracker whose ``start`` failed stays off.
+    """
+
+    def __init__(self, params: Params, enabled: bool, retries: int = 3, backoff_s: float = 0.5):
+        self.params = params
+        self.enabled = enabled
+        self.retries = max(1, retries)
+        self.backoff_s = backoff_s
+        self.run_id: str | None = None
+        self.failures: list[str] = []
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        delay = self.backoff_s
+        for attempt in range(1, self.retries + 1):
+            try:
+                return fn()
+            except Exception as exc:  # MLflow raises many types (HTTP, SQL, OS); none may stop training
+                if attempt == self.retries:
+                    msg = f"MLflow {what} failed after {self.retries} attempts ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); training continues"
+                    self.failures.append(msg)
+                    warnings.warn(msg, TrackingWarning, stacklevel=3)
+                    return None
+                time.sleep(delay)
+                delay *= 2
+
+    def start(self, run_id: str | None, tags: dict[str, str]) -> str | None:
+        """Continue run ``run_id`` (a later stage) or start one; returns its id or None."""
+        if not self.enabled:
+            return None
+        import mlflow
+
+        def begin() -> str:
+            setup_mlflow(self.params)
+            run = None
+            if run_id:
+                try:
+                    run = mlflow.start_run(run_id=run_id)
+                except Exception:  # a run from another tracking store: start a fresh one
+                    run = None
+            if run is None:
+                run = mlflow.start_run(run_name=f"train-{self.params.model.variant}")
+                mlflow.log_params(flatten_params(self.params.to_dict()))
+            mlflow.set_tags({**provenance(self.params), **tags})
+            return run.info.run_id
+
+        self.run_id = self._call("start run", begin)
+        if self.run_id is None:
+            self.enabled = False
+        return self.run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if self.enabled:
+            import mlflow
+
+            finite = {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            self._call("log_metrics", lambda: mlflow.log_metrics(finite, step=step))
+
+    def artifact(self, path: Path, folder: str) -> None:
+        if self.enabled:
+            import mlflow
+
+            self._call(f"log_artifact {Path(path).name}", lambda: mlflow.log_artifact(str(path), artifact_path=folder))
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.run_id:
+            import mlflow
+
+            self._call("end run", lambda: mlflow.end_run(status=status))
+
+
+class TrackingWarning(UserWarning):
+    """A tracking call failed; the run continues without it."""

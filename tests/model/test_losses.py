@@ -52,7 +52,7 @@ def test_critic_and_generator_loss_values():
     D = LinearCritic(w)                 # D(x) = 2x; gradient norm 2 everywhere -> gp = 1
     real, fake = torch.full((2, 1, 1, 1), 0.5), torch.full((2, 1, 1, 1), -0.25)
     c = torch.zeros(2, dtype=torch.long)
-    loss, stats = critic_loss(D, real, fake, c, torch.full((2, 1, 1, 1), 0.3), gp_lambda=10.0, drift_epsilon=1e-3)
+    loss, stats = critic_loss(D, real, fake, c, torch.full((2, 1, 1, 1), 0.3), gp_weight=10.0, drift_epsilon=1e-3)
     # E[D(fake)] - E[D(real)] + 10 * 1 + 1e-3 * E[D(real)^2] = -0.5 - 1 + 10 + 1e-3
     torch.testing.assert_close(loss, torch.tensor(-1.5 + 10.0 + 1e-3))
     torch.testing.assert_close(stats["wasserstein"], torch.tensor(1.5))

@@ -122,3 +122,80 @@ def test_bad_config_is_a_clear_error():
     G, _ = build_networks(tiny_model_config("dcgan"), CLASSES, 1, 16)
     with pytest.raises(ValueError, match="only at"):
         G.set_stage(8, 1.0)
+
+
+@pytest.mark.parametrize("img_resolution", [256, 512])
+def test_large_resolutions_shapes_and_fade_in_with_tiny_widths(img_resolution):
+    """Sites with larger archives: the progressive pair runs every stage up to 256 / 512."""
+    cfg = tiny_model_config(fmap_base=64, fmap_max=8, fmap_min=2, attention_resolutions=(8,))
+    G, D = build_networks(cfg, CLASSES, 1, img_resolution, seed=0)
+    assert G.resolutions[-1] == img_resolution and D.resolutions == G.resolutions
+    z, c = torch.randn(2, 16), torch.tensor([0, 2])
+    top, prev_res = img_resolution, img_resolution // 2
+    G.set_stage(prev_res, 1.0)
+    prev = G(z, c)
+    G.set_stage(top, 0.0)
+    assert torch.equal(G(z, c), upsample2x(prev))                       # fade-in identity at the top stage
+    G.set_stage(top, 0.5)
+    x = G(z, c)
+    assert x.shape == (2, 1, top, top) and torch.isfinite(x).all()
+    D.set_stage(prev_res, 1.0)
+    d_prev = D(downsample2x(x), c)
+    D.set_stage(top, 0.0)
+    torch.testing.assert_close(D(x, c), d_prev, rtol=0, atol=1e-5)
+    D.set_stage(top, 0.5)
+    assert D(x, c).shape == (2,)
+
+
+@pytest.mark.parametrize("fade_after_output", [True, False])
+def test_fade_blends_images_after_the_output_map_or_before_it(fade_after_output):
+    G, _ = build_networks(tiny_model_config(fade_after_output=fade_after_output), CLASSES, 1, 16, seed=4)
+    z, c = inputs()
+    with torch.no_grad():            # a large to_rgb makes tanh's non-linearity visible
+        G.to_rgb["16"].weight.mul_(20.0)
+        G.to_rgb["8"].weight.mul_(20.0)
+    G.set_stage(8, 1.0)
+    old = upsample2x(G(z, c))
+    G.set_stage(16, 1.0)
+    new = G(z, c)
+    G.set_stage(16, 0.3)
+    after = torch.lerp(old, new, 0.3)                                   # what the reals get
+    assert torch.allclose(G(z, c), after, atol=1e-6) == fade_after_output
+
+
+def test_label_embedding_is_normalised_apart_from_z():
+    G, _ = build_networks(tiny_model_config(separate_label_norm=True), CLASSES, 1, 16, seed=5)
+    G_joint, _ = build_networks(tiny_model_config(separate_label_norm=False), CLASSES, 1, 16, seed=5)
+    z, c = inputs()
+    z_big = z * 100.0                 # separately normalised: the scale of z cannot drown the class
+    torch.testing.assert_close(G(z_big, c), G(z, c), rtol=0, atol=1e-5)
+    c1 = torch.tensor([1, 2, 0, 0])
+    share = (G(z_big, c) - G(z_big, c1)).abs().mean()
+    assert share > 1e-3
+    # jointly normalised, a long z vector outweighs the 8-dim embedding (the legacy behaviour)
+    assert (G_joint(z_big, c) - G_joint(z_big, c1)).abs().mean() < 0.5 * share
+
+
+def test_equalised_d_embedding_has_unit_weights_and_runtime_scale():
+    _, D = build_networks(tiny_model_config(d_embed_equalized=True), CLASSES, 1, 16, seed=6)
+    _, D_plain = build_networks(tiny_model_config(d_embed_equalized=False), CLASSES, 1, 16, seed=6)
+    dim = D.embed.weight.shape[1]
+    assert D.embed.scale == pytest.approx(dim**-0.5) and D_plain.embed.scale == 1.0
+    assert 0.7 < D.embed.weight.std().item() < 1.3 and D_plain.embed.weight.std().item() < 0.5
+    c = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(D.embed(c), D.embed.weight[c] * dim**-0.5)
+
+
+def test_light_resolutions_use_one_conv_and_keep_shapes_and_identities():
+    full_G, full_D = build_networks(tiny_model_config(), CLASSES, 1, 16, seed=7)
+    G, D = build_networks(tiny_model_config(light_resolutions=(16,)), CLASSES, 1, 16, seed=7)
+    assert len(G.blocks["16"]) == 1 and len(D.blocks["16"]) == 1 and len(G.blocks["8"]) == 2
+    assert sum(p.numel() for p in G.parameters()) < sum(p.numel() for p in full_G.parameters())
+    z, c = inputs()
+    G.set_stage(8, 1.0)
+    prev = G(z, c)
+    G.set_stage(16, 0.0)
+    assert torch.equal(G(z, c), upsample2x(prev))
+    G.set_stage(16, 1.0)
+    x = G(z, c)
+    assert x.shape == (N, 1, 16, 16) and D(x, c).shape == (N,)

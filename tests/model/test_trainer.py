@@ -211,3 +211,60 @@ def test_class_draws_follow_the_data_or_are_balanced(root, tmp_path, balanced, e
     share = np.bincount(tr.labels[idx].numpy(), minlength=3) / 6000
     np.testing.assert_allclose(share, expected_share, atol=0.03)
     assert set(idx[tr.labels[idx] == 1].tolist()) == {36, 37}   # draws stay inside their class
+
+
+def test_lazy_gradient_penalty_runs_every_kth_critic_step_weighted_by_k(root, dataset, tmp_path):
+    from model.losses import critic_loss
+    from model.trainer import Trainer
+
+    tr = Trainer(tiny(root, **{"train.gp_interval": 4, "train.gp_lambda": 10.0}), dataset, tmp_path)
+    assert [tr.gp_weight(s) for s in range(9)] == [40.0, 0, 0, 0, 40.0, 0, 0, 0, 40.0]
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.rand(4, 1, 16, 16, generator=g) * 2 - 1, torch.rand(4, 1, 16, 16, generator=g) * 2 - 1
+    c, u = torch.tensor([0, 1, 2, 0]), torch.rand(4, 1, 1, 1, generator=g)
+    lazy, parts = critic_loss(tr.D, real, fake, c, u, tr.gp_weight(4), 1e-3)
+    skipped, parts0 = critic_loss(tr.D, real, fake, c, u, tr.gp_weight(5), 1e-3)
+    torch.testing.assert_close(lazy - skipped, 40.0 * parts["gp"])         # k * lambda * penalty, on the lazy step only
+    assert "gp" not in parts0
+    every_step = Trainer(tiny(root), dataset, tmp_path / "b")
+    assert [every_step.gp_weight(s) for s in range(3)] == [10.0, 10.0, 10.0]
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_adam_state_reset_at_a_new_resolution_is_an_option(root, dataset, tmp_path, reset):
+    from model.trainer import Trainer
+
+    tr = Trainer(tiny(root, **{"train.reset_optimizers": reset}), dataset, tmp_path)
+    tr._prepare_stage(0, resume=False)
+    tr.train_stage(0)
+    steps_8 = {int(s["step"]) for s in tr.opt_D.state.values()}
+    assert steps_8 == {tr.schedule[0].total_iters * tr.cfg.n_critic}
+    tr._prepare_stage(1, resume=False)
+    fresh = len(tr.opt_D.state) == 0 and len(tr.opt_G.state) == 0
+    assert fresh == reset
+    tr._iteration(tr.schedule[1], 0.5)
+    steps = {int(s["step"]) for s in tr.opt_G.state.values()}
+    assert steps == ({1} if reset else {1, tr.schedule[0].total_iters + 1})   # new stage-16 layers start at 1 either way
+
+
+def test_augmented_lazy_recipe_trains_resumes_bitwise_and_writes_history(root, dataset, tmp_path):
+    """The cpu-style recipe (n_critic 1, lazy penalty, augmentation, EMA ramp, Adam reset) on the tiny model."""
+    over = {"train.n_critic": 1, "train.beta1": 0.0, "train.beta2": 0.99, "train.lr_g": 1e-3, "train.lr_d": 1e-3,
+            "train.gp_interval": 4, "train.augment": ["translation", "cutout", "brightness", "contrast"],
+            "train.augment_p": 0.5, "train.augment_target": 0.6, "train.augment_kimg": 1.0, "train.augment_interval": 2,
+            "train.ema_kimg": 0.5, "train.ema_rampup": 0.1, "train.reset_optimizers": True, "train.checkpoint_kimg": 0.128}
+    params = tiny(root, **over)
+    full = train(params, dataset.root, tmp_path / "full")
+    with pytest.raises(Killed):
+        train(params, dataset.root, tmp_path / "killed", on_iteration=kill_at(70))
+    resumed = train(params, dataset.root, tmp_path / "killed")
+    assert full["complete"] and resumed["rank_G_ema_sha256"] == full["rank_G_ema_sha256"]
+    lines = (tmp_path / "full" / "history.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    assert header[0] == "kimg" and "train/augment_p" in header
+    rows = [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+    kimg = [float(r["kimg"]) for r in rows]
+    assert kimg == sorted(kimg) and kimg[-1] == pytest.approx(full["kimg"])
+    p = [float(r["train/augment_p"]) for r in rows]
+    assert p[0] != p[-1] and all(0.0 <= v <= 1.0 for v in p)           # the adaptive probability moved
+    assert any(r["train/gradient_penalty"] for r in rows)

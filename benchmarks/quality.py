@@ -1,0 +1,233 @@
+"""Model quality: recipes compared on the same wall-clock budget, over seeds and salts, by the judge.
+
+For every salt (the site's pseudonym salt decides the patient split): ingest, preprocess and
+validate once into ``<work>/<salt>/``. For every recipe and training seed: ``radsynth train``
+(``--set train.recipe=R --set seed=S``, the profile's ranks and threads: on the cpu profile two
+single-threaded ranks, so a run is deterministic and is exactly what the demo trains) and
+``radsynth evaluate`` (the calibrated judge of the project's evaluation, at the profile's gate
+level). Finished steps are reused, so the script can be stopped and rerun, and ``--phase
+train`` can train ahead of an evaluation that is not there yet.
+
+The recipes' kimg schedules are what the same wall-clock budget buys each of them on an
+idle 2-core machine (docs/benchmarks.md: throughput per stage with ``benchmarks/train.py``),
+so the comparison is at equal time, not equal kimg.
+
+Reported per recipe, mean +- sd over seeds x salts: per-condition domain Fréchet distance in
+units of the size-matched real reference (``fid_domain_units/<c>``), condition accuracy,
+recall, TSTR and TRTR balanced accuracy, the gate verdict and its smallest relative margin.
+``--gate-salts`` adds one run of the first recipe (the default seed) on further salts to
+count how often the gate passes. Prints tables; writes ``benchmarks/results/quality.json``.
+
+    /work/tools/heavy .venv/bin/python benchmarks/quality.py --recipes cpu-pgcgan-sa,cpu-dcgan \\
+        --seeds 1234,1,2 --salts quality-a,quality-b --gate-salts quality-c,quality-d,quality-e --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from radsynth import metric_keys as mk  # noqa: E402
+from radsynth.io import write_json  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+WRAP: list[str] = []     # --wrap: a command each step runs under (e.g. a shared-CPU lock)
+
+
+def _run(cmd: list[str], log: Path, env: dict) -> int:
+    cmd = [*WRAP, *cmd]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n".encode())
+        fh.flush()
+        return subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+
+
+def _radsynth(step: str, args: argparse.Namespace, salt_dir: Path, sets: list[str]) -> list[str]:
+    cmd = [str(BIN / "radsynth"), step, "--profile", args.profile, "--set", f"paths.artifacts={salt_dir}"]
+    for s in [*args.set, *sets]:
+        cmd += ["--set", s]
+    return cmd
+
+
+def _env(salt: str) -> dict:
+    return {**os.environ, "RADSYNTH_SALT": salt, "MLFLOW_ENABLE_TELEMETRY": "false", "GX_ANALYTICS_ENABLED": "false",
+            "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+
+
+def prepare(args: argparse.Namespace, salt: str) -> Path:
+    """Ingest, preprocess, validate for one salt (reused when the dataset is there)."""
+    salt_dir = Path(args.work).resolve() / salt
+    if (salt_dir / "validate" / "report.json").is_file():
+        return salt_dir
+    for step in ("ingest", "preprocess", "validate"):
+        rc = _run(_radsynth(step, args, salt_dir, []), salt_dir / f"{step}.log", _env(salt))
+        if rc:
+            raise SystemExit(f"{step} failed for salt {salt} (see {salt_dir / (step + '.log')})")
+    return salt_dir
+
+
+def run_one(args: argparse.Namespace, salt: str, salt_dir: Path, recipe: str, seed: int, phase: str) -> dict:
+    """Train (and evaluate) one recipe x seed on one salt's dataset; returns what was found."""
+    run_dir = salt_dir / "runs" / f"{recipe}-seed{seed}"
+    sets = [f"train.recipe={recipe}", f"seed={seed}", "train.tracking=false", "train.progress=false"]
+    sets += [f"train.threads={args.threads}"] if args.threads > 0 else []
+    env = _env(salt)
+    result = {"salt": salt, "recipe": recipe, "seed": seed, "dir": str(run_dir)}
+    train_json = run_dir / "train" / "train.json"
+    if not (train_json.is_file() and json.loads(train_json.read_text()).get("complete")):
+        t0 = time.time()
+        rc = _run(_radsynth("train", args, salt_dir, sets) + ["--dataset", str(salt_dir / "dataset"), "--out", str(run_dir / "train")],
+                  run_dir / "train.log", env)
+        if rc:
+            return {**result, "error": f"train exit {rc} (see {run_dir / 'train.log'})"}
+        result["train_wall_s"] = round(time.time() - t0, 1)
+    summary = json.loads(train_json.read_text())
+    result.update(kimg=summary.get("kimg"), train_seconds=summary.get("seconds"), threads=summary.get("threads"))
+    if phase == "train":
+        return result
+    metrics_json = run_dir / "evaluate" / "metrics.json"
+    if not metrics_json.is_file():
+        eval_sets = [*sets, f"eval.cache_dir={salt_dir / 'cache'}"]
+        _run(_radsynth("evaluate", args, salt_dir, eval_sets) + ["--generator", str(run_dir / "train" / "G_ema.safetensors"),
+                                                               "--dataset", str(salt_dir / "dataset"), "--out", str(run_dir / "evaluate"), "--allow-fail"],
+             run_dir / "evaluate.log", env)
+    if not metrics_json.is_file():
+        return {**result, "error": f"evaluate wrote no metrics (see {run_dir / 'evaluate.log'})"}
+    result["metrics"] = json.loads(metrics_json.read_text())
+    gate_json = run_dir / "evaluate" / "gate.json"
+    if gate_json.is_file():
+        gate = json.loads(gate_json.read_text())
+        result["gate_passed"] = bool(gate.get("passed"))
+        result["gate_failed"] = gate.get("failed", [])
+        result["gate_min_margin"] = min_margin(gate.get("checks", []))
+    return result
+
+
+def relative_margin(check: dict) -> float | None:
+    """How far inside its threshold a check is, as a fraction of the threshold (negative: failed)."""
+    value, threshold, op = check.get("value"), check.get("threshold"), check.get("op")
+    if value is None or threshold in (None, 0) or op not in ("<=", ">="):
+        return None
+    gap = (threshold - value) if op == "<=" else (value - threshold)
+    return gap / abs(threshold)
+
+
+def min_margin(checks: list[dict]) -> dict | None:
+    margins = [(relative_margin(c), c.get("name")) for c in checks]
+    margins = [(m, n) for m, n in margins if m is not None]
+    if not margins:
+        return None
+    m, name = min(margins)
+    return {"margin": round(m, 4), "check": name}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float, int]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
+
+
+def aggregate(results: list[dict], classes: list[str]) -> dict:
+    """Mean +- sd per recipe of each reported figure (over seeds x salts)."""
+    figures = [(f"{mk.FID_DOMAIN_UNITS}/{c}", f"FD units {c}") for c in classes]
+    figures += [(f"{mk.COND_ACC}/{c}", f"cond acc {c}") for c in classes]
+    figures += [(f"{mk.RECALL}/{c}", f"recall {c}") for c in classes]
+    figures += [(mk.TSTR_BALANCED_ACC, "TSTR bal. acc"), (mk.TRTR_BALANCED_ACC, "TRTR bal. acc")]
+    out: dict = {}
+    for recipe in sorted({r["recipe"] for r in results}):
+        rows = [r for r in results if r["recipe"] == recipe and "metrics" in r]
+        agg = {}
+        for key, label in figures:
+            mean, sd, n = _mean_sd([r["metrics"].get(key) for r in rows])
+            agg[key] = {"label": label, "mean": mean, "sd": sd, "n": n}
+        ratios = [r["metrics"][mk.TSTR_BALANCED_ACC] / r["metrics"][mk.TRTR_BALANCED_ACC] for r in rows
+                  if r["metrics"].get(mk.TSTR_BALANCED_ACC) is not None and r["metrics"].get(mk.TRTR_BALANCED_ACC)]
+        mean, sd, n = _mean_sd(ratios)
+        agg["tstr_over_trtr"] = {"label": "TSTR / TRTR", "mean": mean, "sd": sd, "n": n}
+        agg["gate_pass"] = {"label": "gate passed", "passed": sum(bool(r.get("gate_passed")) for r in rows), "runs": len(rows)}
+        out[recipe] = agg
+    return out
+
+
+def print_tables(agg: dict, results: list[dict], gate_runs: list[dict]) -> None:
+    recipes = list(agg)
+    if not recipes:
+        print("no evaluated runs yet")
+        return
+    keys = [k for k in agg[recipes[0]] if k != "gate_pass"]
+    print(f"{'figure':<28}" + "".join(f"{r:>26}" for r in recipes))
+    for k in keys:
+        label = agg[recipes[0]][k]["label"]
+        cells = "".join(f"{agg[r][k]['mean']:>14.3f} +- {agg[r][k]['sd']:<6.3f} n{agg[r][k]['n']:<1}" for r in recipes)
+        print(f"{label:<28}{cells}")
+    print(f"{'gate passed':<28}" + "".join(f"{str(agg[r]['gate_pass']['passed']) + ' / ' + str(agg[r]['gate_pass']['runs']):>26}" for r in recipes))
+    if gate_runs:
+        print("\ngate over salts (first recipe, default seed):")
+        for r in gate_runs:
+            m = r.get("gate_min_margin") or {}
+            print(f"  {r['salt']:<22} passed={r.get('gate_passed')}  smallest margin {m.get('margin')} ({m.get('check')})  failed {r.get('gate_failed')}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--recipes", default="cpu-pgcgan-sa,cpu-dcgan")
+    ap.add_argument("--seeds", default="1234,1,2", help="training seeds (params.seed of train; the split stays the salt's)")
+    ap.add_argument("--salts", default="quality-a,quality-b")
+    ap.add_argument("--gate-salts", default="", help="further salts: the first recipe, first seed only (gate pass count)")
+    ap.add_argument("--threads", type=int, default=0, help="train.threads of every run (0: the profile's; the cpu profile's two ranks run one thread each)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    ap.add_argument("--phase", choices=("train", "all"), default="all")
+    ap.add_argument("--work", default=str(ROOT / "artifacts" / "quality"))
+    ap.add_argument("--set", action="append", default=[], help="extra --set for every step")
+    ap.add_argument("--wrap", default="", help="run every step under this command (e.g. /work/tools/heavy on a shared machine)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    args = ap.parse_args(argv)
+    WRAP[:] = args.wrap.split() if args.wrap else []
+    recipes = args.recipes.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    salts = [s for s in args.salts.split(",") if s]
+    gate_salts = [s for s in args.gate_salts.split(",") if s]
+
+    prepared = {salt: prepare(args, salt) for salt in [*salts, *gate_salts]}
+    jobs = [(salt, recipe, seed) for salt in salts for recipe in recipes for seed in seeds]
+    jobs += [(salt, recipes[0], seeds[0]) for salt in gate_salts]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_one, args, salt, prepared[salt], recipe, seed, args.phase) for salt, recipe, seed in jobs]
+        results = [f.result() for f in futures]
+    for r in results:
+        if "error" in r:
+            print(f"ERROR {r['salt']} {r['recipe']} seed {r['seed']}: {r['error']}")
+    classes = json.loads((prepared[salts[0]] / "dataset" / "dataset.json").read_text())["classes"] if salts else []
+    main_runs = [r for r in results if r["salt"] in salts]
+    gate_runs = [r for r in results if r["recipe"] == recipes[0] and r["seed"] == seeds[0]]
+    agg = aggregate(main_runs, classes) if args.phase == "all" else {}
+    if args.phase == "all":
+        print_tables(agg, main_runs, gate_runs)
+    else:
+        for r in results:
+            print(f"trained {r['salt']} {r['recipe']} seed {r['seed']}: {r.get('kimg')} kimg in {r.get('train_seconds')} s")
+    write_json(args.out, {"profile": args.profile, "recipes": recipes, "seeds": seeds, "salts": salts, "gate_salts": gate_salts,
+                          "threads": args.threads, "aggregate": agg, "runs": results,
+                          "gate_over_salts": [{k: r.get(k) for k in ("salt", "gate_passed", "gate_failed", "gate_min_margin")}
+                                              for r in gate_runs]})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
