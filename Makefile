@@ -10,6 +10,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMPS := .make
 PROFILE ?= cpu
+# pytest-xdist workers for `make test` (auto: one per core; 0 runs in this process)
+TEST_WORKERS ?= auto
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_ENABLE_TELEMETRY := false
 export DO_NOT_TRACK := 1
@@ -58,7 +60,7 @@ sysdeps: $(STAMPS)/sysdeps
 data: $(STAMPS)/data
 
 test: $(STAMPS)/venv $(STAMPS)/sysdeps $(STAMPS)/data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: $(STAMPS)/venv $(STAMPS)/data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipelines.demo --profile $(PROFILE)

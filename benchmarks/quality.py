@@ -19,7 +19,7 @@ recall, TSTR and TRTR balanced accuracy, the gate verdict and its smallest relat
 count how often the gate passes. Prints tables; writes ``benchmarks/results/quality.json``.
 
     /work/tools/heavy .venv/bin/python benchmarks/quality.py --recipes cpu-pgcgan-sa,cpu-dcgan \\
-        --seeds 1234,1,2 --salts quality-a,quality-b --gate-salts quality-c,quality-d,quality-e --jobs 2
+        --seeds 1234,1,2 --salts quality-a,quality-b --gate-salts quality-salt-0003,quality-salt-0004,quality-salt-0005 --jobs 2
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def prepare(args: argparse.Namespace, salt: str) -> Path:
     salt_dir = Path(args.work).resolve() / salt
     if (salt_dir / "validate" / "report.json").is_file():
         return salt_dir
+    if len(salt) < 16:   # the salt is the site's RADSYNTH_SALT, verbatim: ingest refuses short ones
+        raise SystemExit(f"salt {salt!r} has {len(salt)} characters; ingest needs at least 16 (e.g. quality-salt-0003)")
     for step in ("ingest", "preprocess", "validate"):
         rc = _run(_radsynth(step, args, salt_dir, []), salt_dir / f"{step}.log", _env(salt))
         if rc:

@@ -14,6 +14,11 @@ SAMPLE = ROOT / "data"
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core (pytest-xdist): each worker and every process
+    # it starts computes on one thread, so the workers do not oversubscribe the cores.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 # A fixed promotion-signing pair for the whole suite (radsynth/signing.py): promote signs and serve
 # verifies with it, in this process and in every step it starts; no key file is written.
 TEST_SIGNING_KEY = "OvfW3sbt/ZvCPXR6rRFtTmSV1moXaeKOR8TKOhsuWbo="
