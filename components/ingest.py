@@ -309,7 +309,7 @@ def _process_dicom_unsafe(task: tuple[int, str, str]):
     limits = Limits(max_pixels=ctx.max_pixels, min_side=ctx.resolution, max_bytes=ctx.max_file_bytes)
     try:
         checked = read_guarded(path, limits, inspect=inspect)
-        image, digest = _finish(dicom_to_array(checked.ds, limits))
+        image, digest = _finish(dicom_to_array(checked, limits))
     except _Refused as exc:
         return rejected(exc.reason, exc.detail)
     except ImageError as exc:

@@ -19,6 +19,11 @@ and time, and keeps every header value out of messages, logs and outputs:
    8192 x 8192 codestream is refused before a decoder sees it.
 5. Only then is anything decoded (:func:`dicom_to_array`).
 
+Each file is parsed once: its file meta is read once (step 2 decides from it, and the dataset
+is built on it), and the header dataset of step 3 goes on from where it stopped to read the
+Pixel Data element (and anything after it) once step 3's checks have passed, so steps 3-5 work
+on one dataset rather than a header-only parse followed by a full second parse.
+
 pydicom reports odd values through the ``pydicom`` logger and ``warnings.warn``, quoting the
 value. Its logger is set to drop everything, and warnings attributed to pydicom (or to this
 module's calls into it) are ignored through ``warnings.filters``: both are process-wide
@@ -247,9 +252,12 @@ def _load_bytes(src: str | os.PathLike | bytes | bytearray | memoryview, max_byt
     return data
 
 
-def _meta(data: bytes):
-    """``(file_meta, offset of the body)``; file_meta is empty for a file without one."""
-    from pydicom.dataset import FileMetaDataset
+def _read_meta(data: bytes):
+    """``(file_meta, offset of the body, preamble found)``, reading the file meta ONCE.
+
+    ``file_meta`` is ``None`` when a file without the ``DICM`` preamble starts with group 0002
+    elements that cannot be parsed (pydicom's forced read fails the same way: not DICOM).
+    """
     from pydicom.filereader import _read_file_meta_info
 
     start = 132 if data[128:132] == b"DICM" else 0
@@ -260,8 +268,16 @@ def _meta(data: bytes):
     except Exception:
         if start:
             raise ImageError("DICOM file meta information cannot be parsed", "unreadable") from None
-        return FileMetaDataset(), 0
-    return meta, fp.tell()
+        return None, 0, False
+    return meta, fp.tell(), bool(start)
+
+
+def _meta(data: bytes):
+    """``(file_meta, offset of the body)``; file_meta is empty for a file without one."""
+    from pydicom.dataset import FileMetaDataset
+
+    meta, body_at, _ = _read_meta(data)
+    return (FileMetaDataset(), 0) if meta is None else (meta, body_at)
 
 
 def _inflated_chunks(body: bytes, cap: int, keep: bool) -> tuple[int, list[bytes]]:
@@ -307,55 +323,161 @@ def inflate(body: bytes, cap: int, prefix: bytes = b"") -> bytes:
     return b"".join([prefix, *chunks])
 
 
+@dataclasses.dataclass
+class _Body:
+    """A file's bytes ready to parse: the file meta (read once) and where the dataset starts."""
+
+    data: bytes                                # the file, or an inflated Deflated body
+    meta: Any                                  # FileMetaDataset, or None (unparseable meta, no preamble)
+    body_at: int                               # offset of the dataset in ``data``
+    preamble: bytes | None                     # the 128-byte preamble; None without ``DICM``
+    deflated: bool
+
+
+def _plain_body(data: bytes, limits: Limits) -> _Body:
+    """The file meta, read once; a Deflated body inflated under ``limits.inflated_cap`` and its
+    meta switched to Explicit VR Little Endian (what the inflated body is)."""
+    from pydicom.filewriter import validate_file_meta
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta, body_at, has_preamble = _read_meta(data)
+    preamble = data[:128] if has_preamble else None
+    if meta is None or str(meta.get("TransferSyntaxUID", "") or "") != DEFLATED:
+        return _Body(data, meta, body_at, preamble, False)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    try:
+        validate_file_meta(meta, enforce_standard=True)
+    except Exception:
+        raise ImageError("DICOM file meta information cannot be rewritten", "unreadable") from None
+    return _Body(inflate(data[body_at:], limits.inflated_cap), meta, 0, preamble, True)
+
+
 def plain_bytes(data: bytes, limits: Limits) -> tuple[bytes, bool]:
     """``(file bytes, deflated)``: a Deflated file is rewritten as Explicit VR Little Endian,
     its body inflated under ``limits.inflated_cap``; any other file is returned as it is."""
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_file_meta_info
-    from pydicom.uid import ExplicitVRLittleEndian
 
-    meta, body_at = _meta(data)
-    if str(meta.get("TransferSyntaxUID", "") or "") != DEFLATED:
+    body = _plain_body(data, limits)
+    if not body.deflated:
         return data, False
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian  # the body becomes plain Explicit VR Little Endian
     fp = DicomBytesIO()
     fp.write(b"\0" * 128 + b"DICM")
     try:
-        write_file_meta_info(fp, meta, enforce_standard=True)
+        write_file_meta_info(fp, body.meta, enforce_standard=True)
     except Exception:
         raise ImageError("DICOM file meta information cannot be rewritten", "unreadable") from None
-    return inflate(data[body_at:], limits.inflated_cap, prefix=fp.getvalue()), True
+    return fp.getvalue() + body.data, True
 
 
-def _parse(data: bytes, stop_before_pixels: bool):
-    """pydicom dataset of (plain, non-Deflated) file bytes."""
-    import pydicom
+def _encoding(fp, meta, peek: bytes) -> tuple[bool, bool]:
+    """``(implicit VR, little endian)`` of the dataset at ``fp``, decided as pydicom's
+    ``read_partial`` decides it (from the transfer syntax, else from the first element)."""
+    import pydicom.uid
+    from pydicom.values import converters
+
+    syntax = meta.get("TransferSyntaxUID")
+    if peek == b"":
+        return True, True
+    if syntax is None:  # no transfer syntax: guess from the first element's group and VR
+        group, _, vr = struct.unpack("<HH2s", fp.read(6))
+        fp.seek(-6, 1)
+        if vr.decode("iso8859") in converters:
+            return False, group < 1024
+        return True, True
+    if syntax == pydicom.uid.ImplicitVRLittleEndian:
+        return True, True
+    if syntax == pydicom.uid.ExplicitVRBigEndian:
+        return False, False
+    if syntax in pydicom.uid.PrivateTransferSyntaxes:
+        registered = pydicom.uid.PrivateTransferSyntaxes[pydicom.uid.PrivateTransferSyntaxes.index(syntax)]
+        return registered.is_implicit_VR, registered.is_little_endian
+    return False, True  # Explicit VR Little Endian and every encapsulated syntax (PS3.5 A.4)
+
+
+@dataclasses.dataclass
+class _Parse:
+    """A dataset parsed up to its pixel data, and where to go on reading the rest of it."""
+
+    ds: Any                                    # pydicom.FileDataset, header elements only so far
+    fp: Any                                    # the file object, positioned at the pixel data element
+    implicit: bool                             # the encoding the elements were read with
+    little: bool
+    forced: bool                               # no DICM preamble (accepted only as an image header)
+
+
+def _parse_header(body: _Body) -> _Parse:
+    """Parse the dataset up to (not including) its pixel data, from the file meta already read.
+
+    This is pydicom's ``dcmread(..., stop_before_pixels=True)`` without its second file-meta
+    read; the elements are read by pydicom's own ``read_dataset``.
+    """
+    from pydicom.dataset import FileDataset
+    from pydicom.filereader import _at_pixel_data, _read_command_set_elements, read_dataset
+
+    forced = body.preamble is None
+    if body.meta is None:
+        raise ImageError("not a DICOM file (no DICM preamble and no DICOM image header)", "not_dicom")
+    fp = io.BytesIO(body.data)
+    fp.seek(body.body_at)
+    try:
+        command_set = _read_command_set_elements(fp)
+        peek = fp.read(1)
+        if peek != b"":
+            fp.seek(-1, 1)
+        implicit, little = _encoding(fp, body.meta, peek)
+        dataset = read_dataset(fp, implicit, little, stop_when=_at_pixel_data)
+        if command_set:
+            dataset.update(command_set)
+        read_implicit, read_little = dataset.original_encoding
+        ds = FileDataset(fp, dataset, body.preamble, body.meta, implicit, little)
+        ds.set_original_encoding(implicit, little, dataset._character_set)
+    except Exception as exc:
+        raise _parse_failure(exc, forced) from None
+    if forced and not _image_header(ds):
+        raise ImageError("not a DICOM file (no DICM preamble and no DICOM image header)", "not_dicom")
+    return _Parse(ds, fp, read_implicit if read_implicit is not None else implicit,
+                  read_little if read_little is not None else little, forced)
+
+
+def _parse_failure(exc: Exception, forced: bool) -> ImageError:
     from pydicom.errors import InvalidDicomError
 
-    if str(_meta(data)[0].get("TransferSyntaxUID", "") or "") == DEFLATED:
-        raise ImageError("a Deflated DICOM must be inflated under a cap first (radsynth.dicom.plain_bytes)", "unreadable")
+    if forced or isinstance(exc, InvalidDicomError):
+        return ImageError("not a DICOM file (no DICM preamble and no DICOM image header)", "not_dicom")
+    if isinstance(exc, (OSError, EOFError)):
+        return ImageError(f"DICOM file is truncated or corrupt ({type(exc).__name__})", "unreadable")
+    return ImageError(f"DICOM header cannot be parsed ({type(exc).__name__})", "unreadable")  # pydicom raises many types
+
+
+def _image_header(ds) -> bool:
     try:
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
-    except InvalidDicomError:
-        return _read_forced(data, stop_before_pixels)
-    except (OSError, EOFError) as exc:
-        raise ImageError(f"DICOM file is truncated or corrupt ({type(exc).__name__})", "unreadable") from None
-    except Exception as exc:  # pydicom raises many types on corrupt headers
-        raise ImageError(f"DICOM header cannot be parsed ({type(exc).__name__})", "unreadable") from None
-
-
-def _read_forced(data: bytes, stop_before_pixels: bool):
-    """A file without the ``DICM`` preamble, accepted only when it parses into an image header."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
-        ok = "SOPClassUID" in ds and "Rows" in ds and bool(str(ds.SOPClassUID).strip())
+        return "SOPClassUID" in ds and "Rows" in ds and bool(str(ds.SOPClassUID).strip())
     except Exception:
-        ok = False
-    if not ok:
-        raise ImageError("not a DICOM file (no DICM preamble and no DICOM image header)", "not_dicom")
-    return ds
+        return False
+
+
+def _parse_rest(parse: _Parse) -> None:
+    """Add the pixel data element (and any element after it) to the header dataset: the same
+    elements a full ``dcmread`` gives, parsed by pydicom's element reader, once."""
+    from pydicom import config
+    from pydicom.charset import default_encoding
+    from pydicom.filereader import data_element_generator
+
+    rest = {}
+    try:
+        try:
+            for element in data_element_generator(parse.fp, parse.implicit, parse.little, encoding=default_encoding):
+                rest[element.tag] = element
+        except EOFError:  # read_dataset keeps what was read before a truncation (unless set to raise)
+            if config.settings.reading_validation_mode == config.RAISE:
+                raise
+        except NotImplementedError:
+            pass
+    except Exception as exc:
+        raise _parse_failure(exc, parse.forced) from None
+    for tag, element in rest.items():
+        parse.ds._dict[tag] = element
 
 
 def read_dicom(src: str | Path | bytes, stop_before_pixels: bool = False, limits: Limits | None = None):
@@ -363,7 +485,7 @@ def read_dicom(src: str | Path | bytes, stop_before_pixels: bool = False, limits
 
     A file without the ``DICM`` preamble is accepted only when it still parses into an image
     dataset (SOP Class UID and Rows present), as some old exports write them. A Deflated body
-    is inflated under ``limits.inflated_cap``.
+    is inflated under ``limits.inflated_cap``. The file meta and every element are parsed once.
 
     Args:
         src: a path or the file's bytes.
@@ -379,10 +501,11 @@ def read_dicom(src: str | Path | bytes, stop_before_pixels: bool = False, limits
     """
     limits = limits or Limits()
     quiet_pydicom()
-    data, _ = plain_bytes(_load_bytes(src, limits.max_bytes), limits)
-    ds = _parse(data, stop_before_pixels)
-    _check_parsed(ds, stop_before_pixels)
-    return ds
+    parse = _parse_header(_plain_body(_load_bytes(src, limits.max_bytes), limits))
+    if not stop_before_pixels:
+        _parse_rest(parse)
+    _check_parsed(parse.ds, stop_before_pixels)
+    return parse.ds
 
 
 def _check_parsed(ds, stop_before_pixels: bool) -> None:
@@ -485,8 +608,10 @@ def read_guarded(src: str | Path | bytes, limits: Limits, inspect: Callable[[Any
         ImageError: with a reason code and a message free of header values.
     """
     quiet_pydicom()
-    data, deflated = plain_bytes(_load_bytes(src, limits.max_bytes), limits)
-    head = _parse(data, True)
+    body = _plain_body(_load_bytes(src, limits.max_bytes), limits)
+    parse, deflated = _parse_header(body), body.deflated  # header only: the pixel data element is not read yet
+    del body
+    head = parse.ds
     _check_parsed(head, True)
     if inspect is not None:
         inspect(head)
@@ -494,12 +619,10 @@ def read_guarded(src: str | Path | bytes, limits: Limits, inspect: Callable[[Any
         raise ImageError("DICOM file has no pixel data (not an image object: report, SR, presentation state?)", "no_pixel_data")
     header = dataclasses.replace(read_header(head), deflated=deflated)
     check_header(header, limits)
-    del head
-    ds = _parse(data, False)
-    del data
-    _check_parsed(ds, False)
-    check_codestream(ds, header, limits)
-    return DicomFile(ds, header)
+    _parse_rest(parse)  # the same dataset goes on to its pixel data: each file is parsed once
+    _check_parsed(head, False)
+    check_codestream(head, header, limits)
+    return DicomFile(head, header)
 
 
 # --------------------------------------------------------------------------------------
@@ -619,7 +742,9 @@ def dicom_to_array(ds, limits: Limits | None = None) -> np.ndarray:
         --MONOCHROME1 inverted--> [0, 1] (0 = black, 1 = white)
 
     Args:
-        ds: a dataset from :func:`read_dicom` / :func:`read_guarded`.
+        ds: a dataset from :func:`read_dicom`, or the :class:`DicomFile` from
+            :func:`read_guarded` (its :class:`Header` is reused, and checked again against
+            ``limits`` with the codestream, rather than parsed a second time).
         limits: the caps (default :class:`Limits`).
 
     Returns:
@@ -632,9 +757,12 @@ def dicom_to_array(ds, limits: Limits | None = None) -> np.ndarray:
     """
     limits = limits or Limits()
     quiet_pydicom()
+    header = None
+    if isinstance(ds, DicomFile):  # read_guarded parsed its header already: checked again below, not re-read
+        ds, header = ds.ds, ds.header
     if not has_pixels(ds):
         raise ImageError("DICOM file has no pixel data", "no_pixel_data")
-    header = read_header(ds)
+    header = header or read_header(ds)
     check_header(header, dataclasses.replace(limits, min_side=1))
     check_codestream(ds, header, limits)
     try:

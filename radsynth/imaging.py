@@ -132,7 +132,7 @@ def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     data = bytes(data)
     if data[128:132] == b"DICM":
         limits = Limits(max_pixels=max_pixels)
-        return dicom_to_array(read_guarded(data, limits).ds, limits)
+        return dicom_to_array(read_guarded(data, limits), limits)
     return decode_image_bytes(data, max_pixels=max_pixels)
 
 

@@ -559,3 +559,64 @@ def test_salt_file_placeholder_is_refused_and_cli_says_so(tmp_path, sample_expor
     (tmp_path / "salt").write_text("change-me-change-me\n")
     code, out = run_cli("ingest", sets)
     assert code == 2 and "placeholder" in out and "Traceback" not in out and "change-me" not in out
+
+
+def _sample_tasks(step: int = 50):
+    """Every ``step``-th file of the sample export plus the two truncated and the two non-chest ones."""
+    from components.ingest import _list_files
+
+    tasks = _list_files(ROOT / "data" / "dicom")
+    odd = {"GZ0647447/A20160077.dcm", "GZ8946136/A25893433.dcm", "GZ9000000/X00000001.dcm", "GZ9000001/X00000002.dcm"}
+    chosen = tasks[::step] + [t for t in tasks if t[2] in odd]
+    assert {t[2] for t in chosen} >= odd
+    return chosen
+
+
+def test_each_sample_file_is_parsed_once_header_checked_before_its_pixel_data(sample_export, monkeypatch):
+    """The ingest worker parses each file's meta and each of its elements once (the header pass's
+    dataset goes on to the pixel data), and Pixel Data is parsed only after the header checks:
+    never for a file refused by its header (the CT and the MR)."""
+    import components.ingest as ci
+    import radsynth.dicom as dicom
+    from tests.radsynth.parse_log import install
+
+    params = load_params(ROOT / "params.yaml", profile="cpu")
+    monkeypatch.setattr(ci, "_CTX", None)
+    ci._init_worker(ci.WorkerContext.from_config(params.data, TEST_SALT.encode()))
+    log = install(monkeypatch)
+    real_check = dicom.check_header
+
+    def check_header(*args, **kwargs):
+        log.mark("header_checked")
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(dicom, "check_header", check_header)
+    outcomes = Counter()
+    for task in _sample_tasks():
+        log.clear()
+        result = ci._process_dicom(task)
+        outcome = "decoded" if isinstance(result, ci.Decoded) else result.entry.reason
+        outcomes[outcome] += 1
+        assert log.meta_reads == 1, (task[2], log.meta_reads)
+        assert not log.reparsed, (task[2], log.reparsed[:5])
+        pixels = log.pixel_reads()
+        if outcome == "wrong_modality":
+            assert pixels == [] and "header_checked" not in [e[0] for e in log.events]
+        elif outcome == "decoded":
+            assert len(pixels) == 1 and log.first("header_checked") < pixels[0]
+        assert len(log.elements) > 20  # the wrapper saw the whole header: it counts what it should
+    assert outcomes["decoded"] >= 100 and outcomes["unreadable"] == 2 and outcomes["wrong_modality"] == 2
+
+
+def test_the_parse_counter_can_fail(sample_export, monkeypatch):
+    """Control: a header-only read then a full read of the same file (the two-pass reading this
+    replaced) shows up as two file-meta reads and every header element parsed twice."""
+    from tests.radsynth.parse_log import install
+
+    path = ROOT / "data" / "dicom" / "GZ0000124" / "A12716217.dcm"
+    log = install(monkeypatch)
+    read_dicom(path, stop_before_pixels=True)
+    assert log.meta_reads == 1 and not log.reparsed
+    read_dicom(path)
+    assert log.meta_reads == 2
+    assert len(log.reparsed) == len(log.elements) - 1 > 20  # all but Pixel Data, read by the second pass only

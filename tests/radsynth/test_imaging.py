@@ -382,3 +382,37 @@ def test_big_endian_voi_would_be_wrong_read_little_endian():
     wrong = np.frombuffer(ds.VOILUTSequence[0].LUTData, dtype="<u2")
     np.testing.assert_array_equal(entries, lut)
     assert (wrong != lut).any()
+
+
+@pytest.mark.parametrize("name", ["deflated", "j2k_honest", "chest_CR_nema_RG1_J2KI.dcm", "CT_abdomen_pancreas_j2k.dcm",
+                                  "MR_shoulder_nema_MR2_UNCR.dcm", "huge_header", "tiny", "frames_is_a_name"])
+def test_guarded_read_parses_once_and_reaches_pixel_data_only_after_the_header_checks(name, dicom_fixtures, monkeypatch):
+    """One file-meta read, every element parsed once (Deflated, JPEG 2000, uncompressed), and
+    Pixel Data parsed only after check_header passed: never for a file the header refuses."""
+    import radsynth.dicom as dicom
+    from tests.radsynth import hostile
+    from tests.radsynth.parse_log import install
+
+    data = (hostile.deflated(hostile.dataset(64, 64)) if name == "deflated"
+            else (dicom_fixtures / name).read_bytes() if name.endswith(".dcm") else getattr(hostile, name)())
+    limits = dicom.Limits(max_pixels=2048 * 2048, min_side=16)
+    log = install(monkeypatch)
+    real_check = dicom.check_header
+
+    def check_header(*args, **kwargs):
+        real_check(*args, **kwargs)
+        log.mark("header_passed")
+
+    monkeypatch.setattr(dicom, "check_header", check_header)
+    try:
+        checked = dicom.read_guarded(data, limits)
+    except ImageError:
+        checked = None
+    assert log.meta_reads == 1 and not log.reparsed and len(log.elements) > 10
+    pixels = log.pixel_reads()
+    if name in ("huge_header", "tiny", "frames_is_a_name"):
+        assert checked is None and pixels == []
+    else:
+        assert checked is not None and len(pixels) == 1 and log.first("header_passed") < pixels[0]
+        assert dicom_to_array(checked, limits).ndim == 2
+        assert log.meta_reads == 1 and not log.reparsed  # decoding parses nothing again
