@@ -289,7 +289,7 @@ def _decode_dicom(data: bytes, max_pixels: int, resolution: int, domain: Domain,
                           status=422)
     notes = domain_notes(header, domain)
     try:
-        img01 = dicom.dicom_to_array(checked.ds, limits)
+        img01 = dicom.dicom_to_array(checked, limits)   # its checked header is reused
     except dicom.ImageError as exc:
         raise _from_image_error(exc, "The DICOM pixels cannot be decoded") from None
     except Exception as exc:  # a codec failing in a way the reader did not foresee
