@@ -4,7 +4,7 @@ Inputs: ``<artifacts>/train/G_ema.safetensors`` (+ ``.json``) and the prepared d
 ``<artifacts>/dataset``. Outputs in ``<artifacts>/encoder/``: ``encoder.onnx`` (input
 ``image`` [N, C, R, R] float32 in [-1, 1], output ``z`` [N, z_dim]), ``encoder.json`` (sha256,
 shapes, reconstruction quality on the validation split, the generator it inverts) and
-``params.yaml``. The ONNX model is registered in MLflow as ``web.encoder_name``
+``params.yaml``. The ONNX model is registered in MLflow as ``registry.encoder_name``
 (``radsynth-encoder``) with alias ``candidate``; its version tags name the generator weights
 (``generator_sha256``) and, when the export step ran, the generator ONNX (``generator_onnx_sha256``),
 so serving can pair an encoder with the generator version it was trained for.
@@ -134,7 +134,7 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
     from radsynth.tracking import provenance, setup_mlflow
 
     setup_mlflow(params)
-    name = params.web.encoder_name
+    name = params.registry.encoder_name
     tags = {
         **provenance(params),
         "onnx_sha256": summary["sha256"],
@@ -161,7 +161,7 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
         tags["onnx_sha256"] = sha256_file(stored / "model.onnx" if stored.is_dir() else stored)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, "candidate", version)
+    client.set_registered_model_alias(name, params.registry.candidate_alias, version)
     return {"name": name, "version": version, "run_id": run.info.run_id}
 
 

@@ -242,10 +242,12 @@ class ExportConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RegistryConfig:
-    """`registry:` MLflow registry names and aliases (owner: components/register.py)."""
+    """`registry:` the one section of model names and aliases, read by register, serve, web, synthesize,
+    study and the pipeline (owner: components/register.py)."""
 
-    model_name: str = "radsynth-generator"     # registered generator model
-    classifier_name: str = "radsynth-classifier"  # registered domain classifier
+    model_name: str = "radsynth-generator"     # the generator's name in the registry, in Triton and on the web page
+    classifier_name: str = "radsynth-classifier"  # the domain classifier's name (registered beside each generator)
+    encoder_name: str = "radsynth-encoder"     # the image -> z encoder's name (registered by `radsynth encoder`)
     candidate_alias: str = "candidate"         # set on every new version
     champion_alias: str = "champion"           # what serving resolves; moved only through the gate
     history_tag: str = "champion_history"      # model tag: JSON list of past champion versions
@@ -257,10 +259,9 @@ class RegistryConfig:
 class ServeConfig:
     """`serve:` Triton model repository, server, client (owner: serving/)."""
 
-    model_name: str = "radsynth-generator"     # the generator's name in the registry and in Triton
-    models: tuple[str, ...] = ("radsynth-generator",)  # every model served (e.g. + radsynth-encoder)
+    models: tuple[str, ...] = ()               # every model served; empty: registry.model_name alone (filled in at load)
     onnx: dict[str, str] = dataclasses.field(default_factory=dict)  # model -> local ONNX file (skips the registry)
-    aliases: tuple[str, ...] = ("champion",)   # registry aliases served; one version folder each
+    aliases: tuple[str, ...] = ()              # registry aliases served, one version folder each; empty: registry.champion_alias
     repository: str = "artifacts/serve/model_repository"  # Triton model repository (built here)
     flavour: str = "cpu"                       # cpu: python backend + onnxruntime | gpu: onnxruntime_onnx, KIND_GPU
     max_batch_size: int = 64                   # largest batch one execution takes
@@ -302,10 +303,6 @@ class WebConfig:
     timeout_s: int = 60                        # gunicorn worker timeout
     triton_url: str = "127.0.0.1:8001"         # Triton gRPC endpoint the client talks to
     triton_timeout_s: float = 10.0             # per-request client timeout
-    model_name: str = "radsynth-generator"     # registered + served generator
-    model_alias: str = "champion"              # registry alias whose version is shown/served
-    encoder_name: str = "radsynth-encoder"     # registered + served image -> z encoder
-    classifier_name: str = "radsynth-classifier"  # registered + served domain classifier
     model_info_ttl_s: float = 30.0             # how long registry facts are cached per worker
     max_upload_bytes: int = 16777216           # request body cap (Flask MAX_CONTENT_LENGTH too)
     max_pixels: int = 16777216                 # decoded width*height cap (decompression bombs)
@@ -335,7 +332,6 @@ class WebConfig:
 class SynthesizeConfig:
     """`synthesize:` bulk synthetic datasets through Triton (owner: components/synthesize.py)."""
 
-    alias: str = "champion"                    # registry alias of the generator (--version picks one exactly)
     per_condition: int = 100                   # images per condition (class-balanced), when total is 0
     total: int = 0                             # images in all; 0: per_condition x number of conditions
     mix: dict[str, float] = dataclasses.field(default_factory=dict)  # condition -> share of total ({}: balanced)
@@ -504,7 +500,29 @@ def load_params(
         layered = _deep_merge(raw, _resolve_recipe(recipes, recipe, path), where=f"recipes.{recipe}", path=path)
         merged = _with_overrides(_deep_merge(layered, overlay, where=f"profiles.{name}", path=path), overrides, path)
     merged["profile"] = name
-    return _build(Params, merged, prefix="", path=path)
+    return _derive(_build(Params, merged, prefix="", path=path))
+
+
+# Keys that moved to another section: using the old one is an error that names the new one.
+MOVED_KEYS = {
+    "serve.model_name": "registry.model_name",
+    "web.model_name": "registry.model_name",
+    "web.model_alias": "registry.champion_alias",
+    "web.encoder_name": "registry.encoder_name",
+    "web.classifier_name": "registry.classifier_name",
+    "synthesize.alias": "registry.champion_alias (or `radsynth synthesize --alias`)",
+}
+
+
+def _derive(params: Params) -> Params:
+    """Fill the values other sections take from ``registry`` when left empty (``serve.models``,
+    ``serve.aliases``), so a name or alias is written once."""
+    serve = params.serve
+    if not serve.models or not serve.aliases:
+        serve = dataclasses.replace(serve, models=serve.models or (params.registry.model_name,),
+                                    aliases=serve.aliases or (params.registry.champion_alias,))
+        params = dataclasses.replace(params, serve=serve)
+    return params
 
 
 RECIPE_SECTIONS = ("model", "train")
@@ -572,6 +590,8 @@ def _build(cls: type, values: Any, prefix: str, path: Path) -> Any:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         key = prefix + unknown[0]
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{path}: {key} moved to {MOVED_KEYS[key]}; set it there (once for every step)")
         hint = _closest(unknown[0], fields)
         raise ConfigError(f"{path}: unknown key {key!r}" + (f" (did you mean {prefix + hint!r}?)" if hint else ""))
     hints = typing.get_type_hints(cls)

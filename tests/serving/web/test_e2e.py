@@ -296,7 +296,7 @@ def test_model_not_ready_is_a_503_that_says_so(stack):
     from serving.web.backend import TritonBackend
 
     params, _, _ = stack
-    missing = dataclasses.replace(params, web=dataclasses.replace(params.web, model_name="radsynth-generator-missing"))
+    missing = dataclasses.replace(params, registry=dataclasses.replace(params.registry, model_name="radsynth-generator-missing"))
     client = create_app(missing, backend=TritonBackend(missing)).test_client()
     resp = client.get("/")
     html = resp.get_data(as_text=True)
