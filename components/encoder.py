@@ -31,7 +31,7 @@ def encoder(params: Params, register: bool = True, progress: bool = True, gate_d
     """Train, check, export and (optionally) register the encoder.
 
     Args:
-        params: the resolved config (``web.encoder_*``, ``paths``).
+        params: the resolved config (``encoder``, ``paths``).
         register: also log and register the ONNX model in MLflow.
         progress: show a progress bar.
         gate_dir: an evaluation folder whose verdict must have passed (``None``: not checked);
@@ -77,7 +77,7 @@ def encoder(params: Params, register: bool = True, progress: bool = True, gate_d
     x_val, y_val = data.images(res, "val"), data.split_labels("val")
     if len(x_train) == 0:
         raise RadsynthError("the dataset's train split is empty; nothing to train the encoder on")
-    E, losses = train_encoder(G, x_train, y_train, params.web, seed=params.seed, progress=progress)
+    E, losses = train_encoder(G, x_train, y_train, params.encoder, seed=params.seed, progress=progress)
     holdout = (x_val, y_val) if len(x_val) else (x_train[:256], y_train[:256])
     report = reconstruction_report(E, G, holdout[0][:512], holdout[1][:512], seed=params.seed)
 
@@ -90,19 +90,19 @@ def encoder(params: Params, register: bool = True, progress: bool = True, gate_d
         "classes": json.dumps(list(meta["classes"])), "generator_sha256": str(meta.get("sha256", "")),
         "recon_ssim": f"{report.ssim:.4f}",
     }
-    export_onnx(E, onnx_path, meta_props, params.web.encoder_opset)
+    export_onnx(E, onnx_path, meta_props, params.encoder.opset)
     summary = {
         "step": STEP,
         "onnx": str(onnx_path),
         "sha256": sha256_file(onnx_path),
-        "opset": params.web.encoder_opset,
+        "opset": params.encoder.opset,
         "z_dim": int(G.z_dim),
         "img_resolution": res,
         "img_channels": int(G.img_channels),
         "classes": list(meta["classes"]),
         "generator_sha256": meta.get("sha256"),
         "generator_onnx_sha256": generator_onnx_sha,
-        "steps": params.web.encoder_steps,
+        "steps": params.encoder.steps,
         "final_loss": float(sum(losses[-20:]) / max(1, len(losses[-20:]))),
         "recon_mse": report.mse,
         "recon_ssim": report.ssim,
@@ -147,7 +147,7 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
         "recon_ssim": f"{summary['recon_ssim']:.4f}",
     }
     with mlflow.start_run(run_name=STEP) as run:
-        mlflow.log_params({k: v for k, v in params.to_dict()["web"].items() if k.startswith("encoder_")})
+        mlflow.log_params({f"encoder_{k}": v for k, v in params.to_dict()["encoder"].items()})
         mlflow.set_tags(tags)
         info = log_onnx_model(onnx_path, name)  # signature + input example; then the metrics, linked to it
         mlflow.log_metrics({"recon_ssim": summary["recon_ssim"], "recon_mse": summary["recon_mse"],

@@ -294,7 +294,7 @@ class ServeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WebConfig:
-    """`web:` the web app and the image -> z encoder behind it (owner: serving/web, model/encoder.py)."""
+    """`web:` the web app (owner: serving/web); its encoder has its own section, `encoder:`."""
 
     host: str = "127.0.0.1"                    # where `radsynth web` listens (loopback by default)
     port: int = 8050                           # its port
@@ -319,13 +319,20 @@ class WebConfig:
     registry_timeout_s: float = 2.0            # each MLflow call from the web process (no retries)
     health_timeout_s: float = 0.5              # /healthz's readiness call to Triton (answers within 1 s)
     request_deadline_s: float = 30.0           # a whole request's Triton calls together (below gunicorn's timeout_s)
-    encoder_steps: int = 2000                  # encoder training steps (G frozen)
-    encoder_batch: int = 32                    # encoder training batch size
-    encoder_lr: float = 0.001                  # Adam learning rate
-    encoder_prior_weight: float = 0.001        # weight of the latent prior term mean(z**2)
-    encoder_channels: int = 64                 # width of the first encoder conv (doubles per halving, capped x8)
-    encoder_opset: int = 17                    # ONNX opset of encoder.onnx
     download_ttl_s: int = 3600                 # an upload-seeded page's download links work this long (and until a restart)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """`encoder:` the image -> z encoder behind the web app's uploads, trained with G_ema frozen
+    (owner: components/encoder.py, model/encoder.py; its registry name is registry.encoder_name)."""
+
+    steps: int = 2000                          # training steps (G frozen)
+    batch: int = 32                            # training batch size
+    lr: float = 0.001                          # Adam learning rate
+    prior_weight: float = 0.001                # weight of the latent prior term mean(z**2)
+    channels: int = 64                         # width of the first conv (doubles per halving, capped x8)
+    opset: int = 17                            # ONNX opset of encoder.onnx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,6 +427,8 @@ class Params:
 
     web: WebConfig = WebConfig()
 
+    encoder: EncoderConfig = EncoderConfig()
+
     signing: SigningConfig = SigningConfig()
     synthesize: SynthesizeConfig = SynthesizeConfig()
 
@@ -511,6 +520,7 @@ MOVED_KEYS = {
     "web.encoder_name": "registry.encoder_name",
     "web.classifier_name": "registry.classifier_name",
     "synthesize.alias": "registry.champion_alias (or `radsynth synthesize --alias`)",
+    **{f"web.encoder_{k}": f"encoder.{k}" for k in ("steps", "batch", "lr", "prior_weight", "channels", "opset")},
 }
 
 

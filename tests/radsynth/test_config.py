@@ -95,7 +95,8 @@ def test_scientific_notation_is_a_number_for_float_fields(tmp_path, root):
                                       ("web.model_alias", "registry.champion_alias"),
                                       ("web.encoder_name", "registry.encoder_name"),
                                       ("web.classifier_name", "registry.classifier_name"),
-                                      ("synthesize.alias", "registry.champion_alias")])
+                                      ("synthesize.alias", "registry.champion_alias"),
+                                      ("web.encoder_steps", "encoder.steps"), ("web.encoder_opset", "encoder.opset")])
 def test_a_moved_key_says_where_it_went(root, old, new):
     with pytest.raises(ConfigError, match=rf"{old} moved to {new}"):
         load_params(root / "params.yaml", profile="tiny", overrides={old: "x"})

@@ -81,7 +81,7 @@ def _pipeline(tmp) -> "Params":  # noqa: F821 - built below
         "serve.repository": str(tmp / "model_repository"),
         "serve.grpc_port": grpc, "serve.http_port": _free_port(), "serve.metrics_port": _free_port(),
         "web.triton_url": f"127.0.0.1:{grpc}", "web.audit_log": str(tmp / "audit.jsonl"),
-        "web.encoder_steps": 30, "web.max_images": 4,
+        "encoder.steps": 30, "web.max_images": 4,
     })
     torch.set_num_threads(1)
     G, _ = build_networks(params.model, len(CLASSES), 1, 16, seed=0)
