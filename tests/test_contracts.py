@@ -116,3 +116,20 @@ def test_every_pipeline_compiles(tmp_path, profile):
 
     compiler.Compiler().compile(build_pipeline(load_params(ROOT / "params.yaml", profile=profile)), str(tmp_path / "p.yaml"))
     assert (tmp_path / "p.yaml").stat().st_size > 0
+
+
+def test_profiles_are_block_yaml_and_hold_only_what_they_change():
+    """A profile lists the values it changes, one per line (no long flow-style lines); the only
+    empty sections are those a DVC stage names as `profiles.${profile}.<section>` (DVC refuses a
+    missing params key), and a section no stage names is never kept empty."""
+    text = (ROOT / "params.yaml").read_text()
+    block = text[text.index("\nprofiles:\n"):]
+    long = [line for line in block.splitlines() if len(line.split("#")[0].rstrip()) > 70]
+    assert not long, long
+    flow = [line.strip() for line in block.splitlines() if re.search(r":\s*\{[a-z_]+:", line.split("#")[0])]
+    assert not flow, f"flow-style mappings in profiles: {flow}"
+    named = {entry.split(".")[2] for stage in DVC["stages"].values() for entry in stage.get("params", [])
+             if isinstance(entry, str) and entry.startswith("profiles.${profile}.")}
+    for profile, overlay in RAW["profiles"].items():
+        for section, body in overlay.items():
+            assert body or section in named, f"profiles.{profile}.{section} is empty and no DVC stage names it"
