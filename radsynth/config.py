@@ -106,13 +106,14 @@ class ModelConfig:
 class TrainConfig:
     """`train:` progressive schedule, optimiser, tracking (owner: components/train.py)."""
 
-    recipe: str = ""                           # named overlay of model/train keys from params.yaml `recipes:` ("": none)
+    recipe: str = "progan"                     # named overlay of model/train keys from params.yaml `recipes:` ("": none)
     start_resolution: int = 4                  # first trained stage (power of two >= 4)
     final_resolution: int = 0                  # last stage; 0: the dataset's img_resolution
     kimg_fade: float = 600.0                   # kimg of real images per fade-in phase (alpha 0 -> 1)
     kimg_stabilize: float = 600.0              # kimg per stabilise phase (alpha 1); first stage: only this
     batch_size: int = 32                       # default minibatch (global, split over DDP ranks)
-    batch_per_resolution: dict[int, int] = dataclasses.field(default_factory=dict)  # {res: batch} overrides
+    batch_per_resolution: dict[int, int] = dataclasses.field(    # {res: batch} overrides of batch_size
+        default_factory=lambda: {4: 64, 8: 64, 16: 64, 32: 32, 64: 32, 128: 16})
     kimg_per_resolution: dict[int, tuple[float, ...]] = dataclasses.field(default_factory=dict)  # {res: [fade, stabilize]} overrides
     lr_g: float = 1e-4                         # Adam learning rate of G
     lr_d: float = 1e-4                         # Adam learning rate of D
@@ -137,7 +138,7 @@ class TrainConfig:
     amp: bool = True                           # bfloat16 autocast on CUDA where supported (ignored on CPU)
     checkpoint_kimg: float = 50.0              # periodic checkpoint interval (also at every stage end)
     log_kimg: float = 5.0                      # metrics / progress interval
-    grid_kimg: float = 0.0                     # fixed-z grids logged every this many kimg while training (0: stage ends only)
+    grid_kimg: float = 50.0                    # fixed-z grids logged every this many kimg while training (0: stage ends only)
     grid_per_class: int = 8                    # fixed-z samples per condition in each grid
     grid_seed: int = 2024                      # seed of the grid's fixed z (radsynth.latent)
     tracking: bool = True                      # MLflow tracking (params, metrics, grids, curves)
@@ -177,7 +178,7 @@ class UtilityConfig:
 class GateLevelConfig:
     """One gate level's thresholds (`eval.gate.release`, `eval.gate.demo`)."""
 
-    max_fid_units: float = 3.0                 # per condition: domain FID / size-matched real reference (mean of the draws)
+    max_fid_units: float = 2.0                 # per condition: domain FID / size-matched real reference (mean of the draws)
     min_cond_acc: float = 0.4                  # per condition: judge accuracy on generated, absolute floor
     cond_acc_ratio: float = 0.75               # ... and at least this fraction of the judge's accuracy on real test images
     max_diversity: float = 0.9                 # per condition: MS-SSIM among generated images (collapse)
@@ -191,7 +192,7 @@ class GateConfig:
 
     level: str = "release"                     # release | demo: the level `passed` is judged at (release is always reported too)
     release: GateLevelConfig = GateLevelConfig()
-    demo: GateLevelConfig = GateLevelConfig()
+    demo: GateLevelConfig = GateLevelConfig(max_fid_units=10.0, cond_acc_ratio=0.6)  # a model trained in minutes
 
     def __post_init__(self):
         if self.level not in GATE_LEVELS:
@@ -409,7 +410,9 @@ class Params:
 
     profile: str = "cpu"                       # which overlay of ``profiles`` was applied
     seed: int = 1234                           # every random choice derives from this
-    display_names: dict[str, str] = dataclasses.field(default_factory=dict)  # condition code -> name people read (files keep codes)
+    display_names: dict[str, str] = dataclasses.field(  # condition code -> name people read (files keep codes)
+        default_factory=lambda: {"NORMAL": "Normal", "PNEUMONIA_BACTERIAL": "Bacterial pneumonia",
+                                 "PNEUMONIA_VIRAL": "Viral pneumonia"})
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
 
