@@ -133,7 +133,7 @@ def synthesize(params: Params, version: int | None = None, alias: str | None = N
     Args:
         params: resolved config (``synthesize``, ``registry``, ``serve``, ``display_names``).
         version: a registered version (default: the one ``alias`` points at).
-        alias: default ``synthesize.alias``.
+        alias: default ``registry.champion_alias``.
         url: Triton ``host:port`` serving that version (default ``synthesize.url``; "" starts a private server).
         out_dir: default ``synthesize.out`` or ``<paths.artifacts>/synthesize``.
         fmt: ``png`` or ``dicom`` (default ``synthesize.format``).
