@@ -17,11 +17,12 @@ export MLFLOW_ENABLE_TELEMETRY := false
 export DO_NOT_TRACK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test env sysdeps data clean help
+.PHONY: demo test test-fast env sysdeps data clean help
 
 help:
 	@echo "make demo   run radsynth end to end on the sample export (profile $(PROFILE))"
 	@echo "make test   run the tests"
+	@echo "make test-fast  the fast lane only (no servers; under a minute), for the edit-test loop"
 
 # --- environment -----------------------------------------------------------------------
 $(STAMPS)/venv: pyproject.toml requirements.lock
@@ -61,6 +62,10 @@ data: $(STAMPS)/data
 
 test: $(STAMPS)/venv $(STAMPS)/sysdeps $(STAMPS)/data
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# The fast lane (tests/conftest.py marks tests fast or integration); CI runs everything with `make test`.
+test-fast: $(STAMPS)/venv $(STAMPS)/data
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m fast
 
 demo: $(STAMPS)/venv $(STAMPS)/data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipelines.demo --profile $(PROFILE)

@@ -134,13 +134,13 @@ def triton_round_trip(args, trainer, work: Path) -> dict:
     params = _params("gpu", args.device, {})
     export_generator(G, meta, onnx_path, params.export)
     ports = {"serve.http_port": free_port(), "serve.grpc_port": free_port(), "serve.metrics_port": free_port()}
-    params = _params("gpu", args.device, {**ports, "serve.host": "127.0.0.1", "serve.models": [params.serve.model_name],
-                                          "serve.onnx": {params.serve.model_name: str(onnx_path)}})
+    params = _params("gpu", args.device, {**ports, "serve.host": "127.0.0.1", "serve.models": [params.registry.model_name],
+                                          "serve.onnx": {params.registry.model_name: str(onnx_path)}})
     repo = build_repository(params, work / "repository", flavour="gpu")
     server = TritonServer(params.serve, repo, log_path=work / "tritonserver.log")
     try:
         server.start().wait_ready()
-        with Client(server.grpc_url, model_name=params.serve.model_name) as client:
+        with Client(server.grpc_url, model_name=params.registry.model_name) as client:
             checks = client.check()
     except Exception as exc:  # report, do not hide: the log path says more
         return {"status": "FAIL", "reason": f"{type(exc).__name__}: {exc}", "log": str(server.log_path)}

@@ -4,7 +4,7 @@ Inputs: ``<artifacts>/train/G_ema.safetensors`` (+ ``.json``) and the prepared d
 ``<artifacts>/dataset``. Outputs in ``<artifacts>/encoder/``: ``encoder.onnx`` (input
 ``image`` [N, C, R, R] float32 in [-1, 1], output ``z`` [N, z_dim]), ``encoder.json`` (sha256,
 shapes, reconstruction quality on the validation split, the generator it inverts) and
-``params.yaml``. The ONNX model is registered in MLflow as ``web.encoder_name``
+``params.yaml``. The ONNX model is registered in MLflow as ``registry.encoder_name``
 (``radsynth-encoder``) with alias ``candidate``; its version tags name the generator weights
 (``generator_sha256``) and, when the export step ran, the generator ONNX (``generator_onnx_sha256``),
 so serving can pair an encoder with the generator version it was trained for.
@@ -31,7 +31,7 @@ def encoder(params: Params, register: bool = True, progress: bool = True, gate_d
     """Train, check, export and (optionally) register the encoder.
 
     Args:
-        params: the resolved config (``web.encoder_*``, ``paths``).
+        params: the resolved config (``encoder``, ``paths``).
         register: also log and register the ONNX model in MLflow.
         progress: show a progress bar.
         gate_dir: an evaluation folder whose verdict must have passed (``None``: not checked);
@@ -77,7 +77,7 @@ def encoder(params: Params, register: bool = True, progress: bool = True, gate_d
     x_val, y_val = data.images(res, "val"), data.split_labels("val")
     if len(x_train) == 0:
         raise RadsynthError("the dataset's train split is empty; nothing to train the encoder on")
-    E, losses = train_encoder(G, x_train, y_train, params.web, seed=params.seed, progress=progress)
+    E, losses = train_encoder(G, x_train, y_train, params.encoder, seed=params.seed, progress=progress)
     holdout = (x_val, y_val) if len(x_val) else (x_train[:256], y_train[:256])
     report = reconstruction_report(E, G, holdout[0][:512], holdout[1][:512], seed=params.seed)
 
@@ -90,19 +90,19 @@ def encoder(params: Params, register: bool = True, progress: bool = True, gate_d
         "classes": json.dumps(list(meta["classes"])), "generator_sha256": str(meta.get("sha256", "")),
         "recon_ssim": f"{report.ssim:.4f}",
     }
-    export_onnx(E, onnx_path, meta_props, params.web.encoder_opset)
+    export_onnx(E, onnx_path, meta_props, params.encoder.opset)
     summary = {
         "step": STEP,
         "onnx": str(onnx_path),
         "sha256": sha256_file(onnx_path),
-        "opset": params.web.encoder_opset,
+        "opset": params.encoder.opset,
         "z_dim": int(G.z_dim),
         "img_resolution": res,
         "img_channels": int(G.img_channels),
         "classes": list(meta["classes"]),
         "generator_sha256": meta.get("sha256"),
         "generator_onnx_sha256": generator_onnx_sha,
-        "steps": params.web.encoder_steps,
+        "steps": params.encoder.steps,
         "final_loss": float(sum(losses[-20:]) / max(1, len(losses[-20:]))),
         "recon_mse": report.mse,
         "recon_ssim": report.ssim,
@@ -134,7 +134,7 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
     from radsynth.tracking import provenance, setup_mlflow
 
     setup_mlflow(params)
-    name = params.web.encoder_name
+    name = params.registry.encoder_name
     tags = {
         **provenance(params),
         "onnx_sha256": summary["sha256"],
@@ -147,7 +147,7 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
         "recon_ssim": f"{summary['recon_ssim']:.4f}",
     }
     with mlflow.start_run(run_name=STEP) as run:
-        mlflow.log_params({k: v for k, v in params.to_dict()["web"].items() if k.startswith("encoder_")})
+        mlflow.log_params({f"encoder_{k}": v for k, v in params.to_dict()["encoder"].items()})
         mlflow.set_tags(tags)
         info = log_onnx_model(onnx_path, name)  # signature + input example; then the metrics, linked to it
         mlflow.log_metrics({"recon_ssim": summary["recon_ssim"], "recon_mse": summary["recon_mse"],
@@ -161,7 +161,7 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
         tags["onnx_sha256"] = sha256_file(stored / "model.onnx" if stored.is_dir() else stored)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, "candidate", version)
+    client.set_registered_model_alias(name, params.registry.candidate_alias, version)
     return {"name": name, "version": version, "run_id": run.info.run_id}
 
 

@@ -330,17 +330,17 @@ def _sign(client, params: Params, name: str, version: str) -> None:
 def _set_champion(client, params: Params, mv) -> None:
     reg = params.registry
     clf_version = (mv.tags or {}).get("classifier_version")
-    enc_version = _encoder_for(client, params.web.encoder_name, (mv.tags or {}).get("onnx_sha256", ""))
+    enc_version = _encoder_for(client, params.registry.encoder_name, (mv.tags or {}).get("onnx_sha256", ""))
     _sign(client, params, reg.model_name, str(mv.version))  # signed before any alias moves
     if clf_version:
         _sign(client, params, reg.classifier_name, clf_version)
     if enc_version:
-        _sign(client, params, params.web.encoder_name, enc_version)
+        _sign(client, params, params.registry.encoder_name, enc_version)
     client.set_registered_model_alias(reg.model_name, reg.champion_alias, str(mv.version))
     if clf_version:
         client.set_registered_model_alias(reg.classifier_name, reg.champion_alias, clf_version)
     if enc_version:
-        client.set_registered_model_alias(params.web.encoder_name, reg.champion_alias, enc_version)
+        client.set_registered_model_alias(params.registry.encoder_name, reg.champion_alias, enc_version)
 
 
 def _encoder_for(client, encoder_name: str, generator_onnx_sha256: str) -> str | None:

@@ -4,7 +4,7 @@
     radsynth synthesize --alias candidate --per-condition 2500 --format dicom
     radsynth synthesize --total 10000 --mix NORMAL=0.5,PNEUMONIA_VIRAL=0.5 --url triton:8001
 
-The generator is resolved in the MLflow registry (``synthesize.alias``, or one ``--version``),
+The generator is resolved in the MLflow registry (``registry.champion_alias`` or ``--alias``, or one ``--version``),
 its ONNX verified against the version's ``onnx_sha256`` tag, and a version whose gate did not
 pass is refused. Images come from Triton over gRPC (:class:`serving.client.Client`), in
 chunks of at most ``serve.max_images_per_call``: from the server at ``synthesize.url`` when
@@ -101,7 +101,7 @@ def triton_client(params: Params, onnx_path: Path, url: str = "") -> Iterator:
 
     cfg = params.serve
     if url:
-        with Client(url, "grpc", cfg.model_name, "", cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.max_images_per_call) as client:
+        with Client(url, "grpc", params.registry.model_name, "", cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.max_images_per_call) as client:
             yield client
         return
     from serving.repository import build_repository
@@ -110,11 +110,11 @@ def triton_client(params: Params, onnx_path: Path, url: str = "") -> Iterator:
     _, pytriton_dist = find_tritonserver()
     with tempfile.TemporaryDirectory(prefix="radsynth-synthesize-") as tmp:
         private = dataclasses.replace(
-            cfg, models=(cfg.model_name,), onnx={cfg.model_name: str(onnx_path)}, repository=str(Path(tmp) / "repository"),
+            cfg, models=(params.registry.model_name,), onnx={params.registry.model_name: str(onnx_path)}, repository=str(Path(tmp) / "repository"),
             flavour="cpu" if pytriton_dist is not None else cfg.flavour, host="127.0.0.1", url="", protocol="grpc",
             http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
         repo = build_repository(dataclasses.replace(params, serve=private))
-        with TritonServer(private, repo, log_path=Path(tmp) / "tritonserver.log"), Client.from_config(private) as client:
+        with TritonServer(private, repo, log_path=Path(tmp) / "tritonserver.log"), Client.from_params(dataclasses.replace(params, serve=private)) as client:
             yield client
 
 
@@ -133,7 +133,7 @@ def synthesize(params: Params, version: int | None = None, alias: str | None = N
     Args:
         params: resolved config (``synthesize``, ``registry``, ``serve``, ``display_names``).
         version: a registered version (default: the one ``alias`` points at).
-        alias: default ``synthesize.alias``.
+        alias: default ``registry.champion_alias``.
         url: Triton ``host:port`` serving that version (default ``synthesize.url``; "" starts a private server).
         out_dir: default ``synthesize.out`` or ``<paths.artifacts>/synthesize``.
         fmt: ``png`` or ``dicom`` (default ``synthesize.format``).
@@ -157,7 +157,7 @@ def synthesize(params: Params, version: int | None = None, alias: str | None = N
     if fmt not in FORMATS:
         raise SynthesisError(f"format {fmt!r}: use one of {', '.join(FORMATS)}")
     name = params.registry.model_name
-    alias = alias or cfg.alias
+    alias = alias or params.registry.champion_alias
     out_dir = Path(out_dir or cfg.out or Path(params.paths.artifacts) / STEP)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="radsynth-registry-") as download:
@@ -284,7 +284,7 @@ def datasheet_markdown(record: Mapping) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--alias", default=None, help="registry alias of the generator (default synthesize.alias)")
+    source.add_argument("--alias", default=None, help="registry alias of the generator (default registry.champion_alias)")
     source.add_argument("--version", type=int, default=None, help="one registered version instead of an alias")
     parser.add_argument("-n", "--per-condition", type=int, default=None, help="images per condition (default synthesize.per_condition)")
     parser.add_argument("--total", type=int, default=None, help="images in all, split by --mix (default synthesize.total)")

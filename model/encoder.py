@@ -87,8 +87,7 @@ def train_encoder(
         G: the trained ``G_ema`` at full resolution (``G(z, c) -> [N, C, R, R]``).
         images: uint8 ``[N, C, R, R]`` training split at ``G.img_resolution``.
         labels: int64 ``[N]`` their condition indices.
-        cfg: ``web`` config (``encoder_steps``, ``encoder_batch``, ``encoder_lr``,
-            ``encoder_prior_weight``, ``encoder_channels``).
+        cfg: the ``encoder`` section (``steps``, ``batch``, ``lr``, ``prior_weight``, ``channels``).
         seed: makes the run reproducible (init and batch order).
         progress: show a progress bar.
 
@@ -103,19 +102,19 @@ def train_encoder(
     rng = np.random.default_rng(seed)
     G.eval().requires_grad_(False)
     device = next(G.parameters()).device
-    E = Encoder(G.z_dim, G.img_resolution, G.img_channels, cfg.encoder_channels).to(device)
-    opt = torch.optim.Adam(E.parameters(), lr=cfg.encoder_lr, betas=(0.9, 0.99))
+    E = Encoder(G.z_dim, G.img_resolution, G.img_channels, cfg.channels).to(device)
+    opt = torch.optim.Adam(E.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     x_all = torch.from_numpy(np.ascontiguousarray(images))
     c_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     losses = []
-    bar = tqdm(_batches(len(x_all), cfg.encoder_batch, cfg.encoder_steps, rng), total=cfg.encoder_steps,
+    bar = tqdm(_batches(len(x_all), cfg.batch, cfg.steps, rng), total=cfg.steps,
                desc="encoder", unit="step", disable=not progress, leave=False)
     for idx in bar:
         ix = torch.from_numpy(idx)
         x = x_all[ix].to(device).float() / 127.5 - 1.0  # [B, C, R, R]
         c = c_all[ix].to(device)
         z = E(x)  # [B, z_dim]
-        loss = F.mse_loss(G(z, c), x) + cfg.encoder_prior_weight * z.pow(2).mean()
+        loss = F.mse_loss(G(z, c), x) + cfg.prior_weight * z.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

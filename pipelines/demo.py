@@ -211,7 +211,7 @@ def serve_command(params: Params) -> list[str]:
     generator (the web page maps an upload to z with it); promotion moves all three together."""
     argv = ["radsynth", "serve", "--profile", params.profile]
     models = list(params.serve.models)
-    for name in (params.registry.classifier_name, params.web.encoder_name):
+    for name in (params.registry.classifier_name, params.registry.encoder_name):
         if name not in models and has_alias(params, name, params.registry.champion_alias):
             models.append(name)
     if models != list(params.serve.models):

@@ -106,13 +106,14 @@ class ModelConfig:
 class TrainConfig:
     """`train:` progressive schedule, optimiser, tracking (owner: components/train.py)."""
 
-    recipe: str = ""                           # named overlay of model/train keys from params.yaml `recipes:` ("": none)
+    recipe: str = "progan"                     # named overlay of model/train keys from params.yaml `recipes:` ("": none)
     start_resolution: int = 4                  # first trained stage (power of two >= 4)
     final_resolution: int = 0                  # last stage; 0: the dataset's img_resolution
     kimg_fade: float = 600.0                   # kimg of real images per fade-in phase (alpha 0 -> 1)
     kimg_stabilize: float = 600.0              # kimg per stabilise phase (alpha 1); first stage: only this
     batch_size: int = 32                       # default minibatch (global, split over DDP ranks)
-    batch_per_resolution: dict[int, int] = dataclasses.field(default_factory=dict)  # {res: batch} overrides
+    batch_per_resolution: dict[int, int] = dataclasses.field(    # {res: batch} overrides of batch_size
+        default_factory=lambda: {4: 64, 8: 64, 16: 64, 32: 32, 64: 32, 128: 16})
     kimg_per_resolution: dict[int, tuple[float, ...]] = dataclasses.field(default_factory=dict)  # {res: [fade, stabilize]} overrides
     lr_g: float = 1e-4                         # Adam learning rate of G
     lr_d: float = 1e-4                         # Adam learning rate of D
@@ -137,7 +138,7 @@ class TrainConfig:
     amp: bool = True                           # bfloat16 autocast on CUDA where supported (ignored on CPU)
     checkpoint_kimg: float = 50.0              # periodic checkpoint interval (also at every stage end)
     log_kimg: float = 5.0                      # metrics / progress interval
-    grid_kimg: float = 0.0                     # fixed-z grids logged every this many kimg while training (0: stage ends only)
+    grid_kimg: float = 50.0                    # fixed-z grids logged every this many kimg while training (0: stage ends only)
     grid_per_class: int = 8                    # fixed-z samples per condition in each grid
     grid_seed: int = 2024                      # seed of the grid's fixed z (radsynth.latent)
     tracking: bool = True                      # MLflow tracking (params, metrics, grids, curves)
@@ -177,7 +178,7 @@ class UtilityConfig:
 class GateLevelConfig:
     """One gate level's thresholds (`eval.gate.release`, `eval.gate.demo`)."""
 
-    max_fid_units: float = 3.0                 # per condition: domain FID / size-matched real reference (mean of the draws)
+    max_fid_units: float = 2.0                 # per condition: domain FID / size-matched real reference (mean of the draws)
     min_cond_acc: float = 0.4                  # per condition: judge accuracy on generated, absolute floor
     cond_acc_ratio: float = 0.75               # ... and at least this fraction of the judge's accuracy on real test images
     max_diversity: float = 0.9                 # per condition: MS-SSIM among generated images (collapse)
@@ -191,7 +192,7 @@ class GateConfig:
 
     level: str = "release"                     # release | demo: the level `passed` is judged at (release is always reported too)
     release: GateLevelConfig = GateLevelConfig()
-    demo: GateLevelConfig = GateLevelConfig()
+    demo: GateLevelConfig = GateLevelConfig(max_fid_units=10.0, cond_acc_ratio=0.6)  # a model trained in minutes
 
     def __post_init__(self):
         if self.level not in GATE_LEVELS:
@@ -242,10 +243,12 @@ class ExportConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RegistryConfig:
-    """`registry:` MLflow registry names and aliases (owner: components/register.py)."""
+    """`registry:` the one section of model names and aliases, read by register, serve, web, synthesize,
+    study and the pipeline (owner: components/register.py)."""
 
-    model_name: str = "radsynth-generator"     # registered generator model
-    classifier_name: str = "radsynth-classifier"  # registered domain classifier
+    model_name: str = "radsynth-generator"     # the generator's name in the registry, in Triton and on the web page
+    classifier_name: str = "radsynth-classifier"  # the domain classifier's name (registered beside each generator)
+    encoder_name: str = "radsynth-encoder"     # the image -> z encoder's name (registered by `radsynth encoder`)
     candidate_alias: str = "candidate"         # set on every new version
     champion_alias: str = "champion"           # what serving resolves; moved only through the gate
     history_tag: str = "champion_history"      # model tag: JSON list of past champion versions
@@ -257,10 +260,9 @@ class RegistryConfig:
 class ServeConfig:
     """`serve:` Triton model repository, server, client (owner: serving/)."""
 
-    model_name: str = "radsynth-generator"     # the generator's name in the registry and in Triton
-    models: tuple[str, ...] = ("radsynth-generator",)  # every model served (e.g. + radsynth-encoder)
+    models: tuple[str, ...] = ()               # every model served; empty: registry.model_name alone (filled in at load)
     onnx: dict[str, str] = dataclasses.field(default_factory=dict)  # model -> local ONNX file (skips the registry)
-    aliases: tuple[str, ...] = ("champion",)   # registry aliases served; one version folder each
+    aliases: tuple[str, ...] = ()              # registry aliases served, one version folder each; empty: registry.champion_alias
     repository: str = "artifacts/serve/model_repository"  # Triton model repository (built here)
     flavour: str = "cpu"                       # cpu: python backend + onnxruntime | gpu: onnxruntime_onnx, KIND_GPU
     max_batch_size: int = 64                   # largest batch one execution takes
@@ -293,7 +295,7 @@ class ServeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WebConfig:
-    """`web:` the web app and the image -> z encoder behind it (owner: serving/web, model/encoder.py)."""
+    """`web:` the web app (owner: serving/web); its encoder has its own section, `encoder:`."""
 
     host: str = "127.0.0.1"                    # where `radsynth web` listens (loopback by default)
     port: int = 8050                           # its port
@@ -302,10 +304,6 @@ class WebConfig:
     timeout_s: int = 60                        # gunicorn worker timeout
     triton_url: str = "127.0.0.1:8001"         # Triton gRPC endpoint the client talks to
     triton_timeout_s: float = 10.0             # per-request client timeout
-    model_name: str = "radsynth-generator"     # registered + served generator
-    model_alias: str = "champion"              # registry alias whose version is shown/served
-    encoder_name: str = "radsynth-encoder"     # registered + served image -> z encoder
-    classifier_name: str = "radsynth-classifier"  # registered + served domain classifier
     model_info_ttl_s: float = 30.0             # how long registry facts are cached per worker
     max_upload_bytes: int = 16777216           # request body cap (Flask MAX_CONTENT_LENGTH too)
     max_pixels: int = 16777216                 # decoded width*height cap (decompression bombs)
@@ -322,20 +320,26 @@ class WebConfig:
     registry_timeout_s: float = 2.0            # each MLflow call from the web process (no retries)
     health_timeout_s: float = 0.5              # /healthz's readiness call to Triton (answers within 1 s)
     request_deadline_s: float = 30.0           # a whole request's Triton calls together (below gunicorn's timeout_s)
-    encoder_steps: int = 2000                  # encoder training steps (G frozen)
-    encoder_batch: int = 32                    # encoder training batch size
-    encoder_lr: float = 0.001                  # Adam learning rate
-    encoder_prior_weight: float = 0.001        # weight of the latent prior term mean(z**2)
-    encoder_channels: int = 64                 # width of the first encoder conv (doubles per halving, capped x8)
-    encoder_opset: int = 17                    # ONNX opset of encoder.onnx
     download_ttl_s: int = 3600                 # an upload-seeded page's download links work this long (and until a restart)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """`encoder:` the image -> z encoder behind the web app's uploads, trained with G_ema frozen
+    (owner: components/encoder.py, model/encoder.py; its registry name is registry.encoder_name)."""
+
+    steps: int = 2000                          # training steps (G frozen)
+    batch: int = 32                            # training batch size
+    lr: float = 0.001                          # Adam learning rate
+    prior_weight: float = 0.001                # weight of the latent prior term mean(z**2)
+    channels: int = 64                         # width of the first conv (doubles per halving, capped x8)
+    opset: int = 17                            # ONNX opset of encoder.onnx
 
 
 @dataclasses.dataclass(frozen=True)
 class SynthesizeConfig:
     """`synthesize:` bulk synthetic datasets through Triton (owner: components/synthesize.py)."""
 
-    alias: str = "champion"                    # registry alias of the generator (--version picks one exactly)
     per_condition: int = 100                   # images per condition (class-balanced), when total is 0
     total: int = 0                             # images in all; 0: per_condition x number of conditions
     mix: dict[str, float] = dataclasses.field(default_factory=dict)  # condition -> share of total ({}: balanced)
@@ -406,7 +410,9 @@ class Params:
 
     profile: str = "cpu"                       # which overlay of ``profiles`` was applied
     seed: int = 1234                           # every random choice derives from this
-    display_names: dict[str, str] = dataclasses.field(default_factory=dict)  # condition code -> name people read (files keep codes)
+    display_names: dict[str, str] = dataclasses.field(  # condition code -> name people read (files keep codes)
+        default_factory=lambda: {"NORMAL": "Normal", "PNEUMONIA_BACTERIAL": "Bacterial pneumonia",
+                                 "PNEUMONIA_VIRAL": "Viral pneumonia"})
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
 
@@ -423,6 +429,8 @@ class Params:
     serve: ServeConfig = ServeConfig()
 
     web: WebConfig = WebConfig()
+
+    encoder: EncoderConfig = EncoderConfig()
 
     signing: SigningConfig = SigningConfig()
     synthesize: SynthesizeConfig = SynthesizeConfig()
@@ -504,7 +512,30 @@ def load_params(
         layered = _deep_merge(raw, _resolve_recipe(recipes, recipe, path), where=f"recipes.{recipe}", path=path)
         merged = _with_overrides(_deep_merge(layered, overlay, where=f"profiles.{name}", path=path), overrides, path)
     merged["profile"] = name
-    return _build(Params, merged, prefix="", path=path)
+    return _derive(_build(Params, merged, prefix="", path=path))
+
+
+# Keys that moved to another section: using the old one is an error that names the new one.
+MOVED_KEYS = {
+    "serve.model_name": "registry.model_name",
+    "web.model_name": "registry.model_name",
+    "web.model_alias": "registry.champion_alias",
+    "web.encoder_name": "registry.encoder_name",
+    "web.classifier_name": "registry.classifier_name",
+    "synthesize.alias": "registry.champion_alias (or `radsynth synthesize --alias`)",
+    **{f"web.encoder_{k}": f"encoder.{k}" for k in ("steps", "batch", "lr", "prior_weight", "channels", "opset")},
+}
+
+
+def _derive(params: Params) -> Params:
+    """Fill the values other sections take from ``registry`` when left empty (``serve.models``,
+    ``serve.aliases``), so a name or alias is written once."""
+    serve = params.serve
+    if not serve.models or not serve.aliases:
+        serve = dataclasses.replace(serve, models=serve.models or (params.registry.model_name,),
+                                    aliases=serve.aliases or (params.registry.champion_alias,))
+        params = dataclasses.replace(params, serve=serve)
+    return params
 
 
 RECIPE_SECTIONS = ("model", "train")
@@ -572,6 +603,8 @@ def _build(cls: type, values: Any, prefix: str, path: Path) -> Any:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         key = prefix + unknown[0]
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{path}: {key} moved to {MOVED_KEYS[key]}; set it there (once for every step)")
         hint = _closest(unknown[0], fields)
         raise ConfigError(f"{path}: unknown key {key!r}" + (f" (did you mean {prefix + hint!r}?)" if hint else ""))
     hints = typing.get_type_hints(cls)

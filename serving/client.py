@@ -218,17 +218,18 @@ class Client:
         self._info: ModelInfo | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any, url: str | None = None, protocol: str | None = None) -> "Client":
-        """A client from ``params.serve`` (a ``ServeConfig``; only its attributes are read); the read
-        key comes from ``$RADSYNTH_TRITON_READ_KEY`` or the key file ``radsynth serve`` wrote."""
+    def from_params(cls, params: Any, url: str | None = None, protocol: str | None = None) -> "Client":
+        """A client for ``registry.model_name`` with the settings of ``params.serve``; the read key
+        comes from ``$RADSYNTH_TRITON_READ_KEY`` or the key file ``radsynth serve`` wrote."""
         from serving.server import read_key
 
+        cfg = params.serve
         protocol = protocol or cfg.protocol
         if not url:
             host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
             url = cfg.url or f"{host}:{cfg.grpc_port if protocol == 'grpc' else cfg.http_port}"
         key = read_key(cfg)
-        return cls(url, protocol, cfg.model_name, "", cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.max_images_per_call,
+        return cls(url, protocol, params.registry.model_name, "", cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.max_images_per_call,
                    cfg.max_in_flight, headers={READ_KEY_HEADER: key} if key else {})
 
     # -- plumbing ---------------------------------------------------------------------

@@ -212,7 +212,7 @@ def deploy(params: Params, url: str | None = None, repository: str | Path | None
             if sorted(before) == sorted(versions) and _served_versions(triton, name) == sorted(versions):
                 unchanged.append(name)
                 continue
-            generator = name == cfg.model_name
+            generator = name == params.registry.model_name
             if cfg.model_control == "explicit":
                 staging = _stage(live, fresh / name, name)
                 try:

@@ -77,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from radsynth.io import write_json
     from serving.client import Client, ClientError
 
-    cfg = load_cli_params(args).serve
-    client = Client.from_config(cfg, url=args.url, protocol=args.protocol)
+    client = Client.from_params(load_cli_params(args), url=args.url, protocol=args.protocol)
     try:
         if args.check:
             try:

@@ -543,7 +543,7 @@ def repository_from_onnx(params: Params, onnx: str | Path | dict[str, str | Path
     Returns:
         The repository path.
     """
-    files = {params.serve.model_name: onnx} if isinstance(onnx, (str, Path)) else dict(onnx)
+    files = {params.registry.model_name: onnx} if isinstance(onnx, (str, Path)) else dict(onnx)
     unknown = sorted(set(serve) - {f.name for f in dataclasses.fields(ServeConfig)})
     if unknown:
         raise RepositoryError(f"repository_from_onnx: unknown serve field(s) {unknown}")

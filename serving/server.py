@@ -388,8 +388,8 @@ def serve_forever(server: TritonServer) -> int:
 def add_arguments(parser) -> None:
     parser.add_argument("--repository", default=None, help="model repository folder (default: serve.repository)")
     parser.add_argument("--onnx", action="append", default=[], metavar="[NAME=]PATH",
-                        help="serve a local ONNX file instead of the registry (NAME defaults to serve.model_name; repeatable)")
-    parser.add_argument("--alias", action="append", default=[], help="registry alias(es) to serve (default: serve.aliases, i.e. champion)")
+                        help="serve a local ONNX file instead of the registry (NAME defaults to registry.model_name; repeatable)")
+    parser.add_argument("--alias", action="append", default=[], help="registry alias(es) to serve (default: serve.aliases, i.e. registry.champion_alias)")
     parser.add_argument("--flavour", choices=("cpu", "gpu"), default=None, help="cpu: python backend + onnxruntime; gpu: onnxruntime_onnx (NGC image)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--build-only", action="store_true", help="build the model repository and exit")
@@ -404,7 +404,7 @@ def serve_params(params, args):
     onnx = dict(cfg.onnx)
     models = list(cfg.models)
     for item in args.onnx:
-        name, path = item.split("=", 1) if "=" in item and not Path(item).exists() else (cfg.model_name, item)
+        name, path = item.split("=", 1) if "=" in item and not Path(item).exists() else (params.registry.model_name, item)
         onnx[name] = path
         if name not in models:
             models.append(name)

@@ -140,7 +140,7 @@ class TritonSource:
     def __init__(self, params: Params, model: ModelRef, url: str | None = None):
         from serving.client import Client, ClientError
 
-        self.client = Client.from_config(params.serve, url=url)
+        self.client = Client.from_params(params, url=url)
         self.client.model_name = model.name
         self.client.model_version = str(model.version)
         try:

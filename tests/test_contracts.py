@@ -116,3 +116,64 @@ def test_every_pipeline_compiles(tmp_path, profile):
 
     compiler.Compiler().compile(build_pipeline(load_params(ROOT / "params.yaml", profile=profile)), str(tmp_path / "p.yaml"))
     assert (tmp_path / "p.yaml").stat().st_size > 0
+
+
+def test_profiles_are_block_yaml_and_hold_only_what_they_change():
+    """A profile lists the values it changes, one per line (no long flow-style lines); the only
+    empty sections are those a DVC stage names as `profiles.${profile}.<section>` (DVC refuses a
+    missing params key), and a section no stage names is never kept empty."""
+    text = (ROOT / "params.yaml").read_text()
+    block = text[text.index("\nprofiles:\n"):]
+    long = [line for line in block.splitlines() if len(line.split("#")[0].rstrip()) > 70]
+    assert not long, long
+    flow = [line.strip() for line in block.splitlines() if re.search(r":\s*\{[a-z_]+:", line.split("#")[0])]
+    assert not flow, f"flow-style mappings in profiles: {flow}"
+    named = {entry.split(".")[2] for stage in DVC["stages"].values() for entry in stage.get("params", [])
+             if isinstance(entry, str) and entry.startswith("profiles.${profile}.")}
+    for profile, overlay in RAW["profiles"].items():
+        for section, body in overlay.items():
+            assert body or section in named, f"profiles.{profile}.{section} is empty and no DVC stage names it"
+
+
+def _defaults_against_file(cls, default, raw: dict, prefix: str) -> list[str]:
+    """``prefix.key: code X != file Y`` for every field of ``cls`` whose default (``default``: the
+    enclosing default instance, when there is one) differs from the file's base value."""
+    import dataclasses
+    import typing
+
+    from radsynth.config import _coerce
+
+    drift = []
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        key = prefix + field.name
+        if field.name not in raw:
+            continue                                   # a key the file leaves out: the code's default is the only one
+        if default is not None:
+            code = getattr(default, field.name)
+        elif field.default is not dataclasses.MISSING:
+            code = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            code = field.default_factory()
+        else:
+            continue                                   # no default in the code: the file is the one source
+        if dataclasses.is_dataclass(hints[field.name]):
+            drift += _defaults_against_file(hints[field.name], code, raw[field.name] or {}, key + ".")
+            continue
+        in_file = _coerce(hints[field.name], raw[field.name], key, ROOT / "params.yaml")
+        if code != in_file:
+            drift.append(f"{key}: code {code!r} != params.yaml {in_file!r}")
+    return drift
+
+
+def test_every_dataclass_default_equals_the_base_value_in_params_yaml():
+    """One source of defaults: where radsynth/config.py keeps a default, it is params.yaml's base value."""
+    from radsynth.config import Params
+
+    base = {k: v for k, v in RAW.items() if k not in ("profiles", "recipes")}
+    drift = _defaults_against_file(Params, None, base, "")
+    assert not drift, "\n".join(drift)
+    # the check sees a drift, at the top and nested under a level's own default instance
+    changed = {**base, "seed": base["seed"] + 1,
+               "eval": {**base["eval"], "gate": {**base["eval"]["gate"], "demo": {**base["eval"]["gate"]["demo"], "max_fid_units": 3.0}}}}
+    assert [d.split(":")[0] for d in _defaults_against_file(Params, None, changed, "")] == ["seed", "eval.gate.demo.max_fid_units"]

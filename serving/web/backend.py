@@ -80,7 +80,7 @@ class Backend(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class RegistryFacts:
-    """One read of ``web.model_name@web.model_alias`` from the registry."""
+    """One read of ``registry.model_name@registry.champion_alias`` from the registry."""
 
     version: str | None
     metrics: dict[str, float]
@@ -101,23 +101,23 @@ def limit_mlflow_http(timeout_s: float) -> None:
 
 
 def registry_facts(params: Params) -> tuple[str | None, dict[str, float], dict[str, str], dict[str, str], str | None]:
-    """Version, metrics, unavailable reasons and tags of ``web.model_name@web.model_alias``.
+    """Version, metrics, unavailable reasons and tags of ``registry.model_name@registry.champion_alias``.
 
     Returns:
         ``(version, metrics, unavailable, tags, note)``; on any registry trouble the first
         four are empty and ``note`` says what happened (the page shows it).
     """
-    cfg = params.web
+    names = params.registry
     try:
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or params.paths.mlflow_uri
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        mv = client.get_model_version_by_alias(cfg.model_name, cfg.model_alias)
+        mv = client.get_model_version_by_alias(names.model_name, names.champion_alias)
         run = client.get_run(mv.run_id) if mv.run_id else None
     except Exception as exc:  # MLflow raises many types (missing alias, unreachable server, no DB)
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        return None, {}, {}, {}, f"registry facts for {cfg.model_name}@{cfg.model_alias} are unavailable ({reason})"
+        return None, {}, {}, {}, f"registry facts for {names.model_name}@{names.champion_alias} are unavailable ({reason})"
     metrics = dict(run.data.metrics) if run else {}
     tags = dict(mv.tags or {})
     unavailable: dict[str, str] = {}
@@ -181,6 +181,7 @@ class TritonBackend:
     def __init__(self, params: Params):
         self.params = params
         self.cfg = params.web
+        self.names = params.registry                # model names and the alias shown (registry.*)
         self._local = threading.local()
         self._served_lock = threading.Lock()
         self._served: _Served | None = None
@@ -215,7 +216,7 @@ class TritonBackend:
             from serving.server import read_key
 
             key = read_key(self.params.serve)  # $RADSYNTH_TRITON_READ_KEY or the file `radsynth serve` wrote
-            client = Client(self.cfg.triton_url, "grpc", self.cfg.model_name, "", timeout_s=self.cfg.triton_timeout_s,
+            client = Client(self.cfg.triton_url, "grpc", self.names.model_name, "", timeout_s=self.cfg.triton_timeout_s,
                             retries=0, backoff_s=0.1, max_images_per_call=max(64, 2 * self.cfg.max_images),
                             headers={READ_KEY_HEADER: key} if key else {})
             self._local.client = client
@@ -261,14 +262,14 @@ class TritonBackend:
         client = self._client()
         served = self._served
         version = served.version if served is not None else ""
-        if not client.is_ready(self.cfg.model_name, version, timeout_s=min(timeout_s, client.timeout_s)):
+        if not client.is_ready(self.names.model_name, version, timeout_s=min(timeout_s, client.timeout_s)):
             self._served = None  # re-read the config when it is back (it may be another version)
-            if served is not None and client.is_ready(self.cfg.model_name, "", timeout_s=min(timeout_s, client.timeout_s)):
+            if served is not None and client.is_ready(self.names.model_name, "", timeout_s=min(timeout_s, client.timeout_s)):
                 raise ServiceUnavailable(f"the image server no longer serves version {served.version} of "
-                                         f"{self.cfg.model_name}; reload the page to use the version it serves now")
+                                         f"{self.names.model_name}; reload the page to use the version it serves now")
             self._drop_client()  # a fresh channel next time: gRPC's reconnect backoff would add seconds after a restart
             raise ServiceUnavailable(f"the image server at {self.cfg.triton_url} is not reachable "
-                                     f"or {self.cfg.model_name} is not ready")
+                                     f"or {self.names.model_name} is not ready")
 
     def _drop_client(self) -> None:
         client = getattr(self._local, "client", None)
@@ -295,13 +296,13 @@ class TritonBackend:
                 info = client.refresh()
             except ClientError as exc:
                 self._served = None
-                raise self._unavailable(f"the generator {self.cfg.model_name}", exc) from None
+                raise self._unavailable(f"the generator {self.names.model_name}", exc) from None
             dims = {"z_dim": info.z_dim, "img_resolution": info.img_resolution, "img_channels": info.img_channels}
             self._served = _Served(
                 name=info.name, version=info.version, classes=tuple(info.classes), z_dim=info.z_dim,
                 img_resolution=info.img_resolution, img_channels=info.img_channels,
-                encoder_ready=self._optional_ready(self.cfg.encoder_name, dims),
-                classifier_ready=self._optional_ready(self.cfg.classifier_name,
+                encoder_ready=self._optional_ready(self.names.encoder_name, dims),
+                classifier_ready=self._optional_ready(self.names.classifier_name,
                                                       {k: v for k, v in dims.items() if k != "z_dim"}),
                 at=time.monotonic())
             return self._served
@@ -345,18 +346,18 @@ class TritonBackend:
     def _info(self, served: _Served, facts: RegistryFacts | None) -> ModelInfo:
         if facts is None:
             reg_version, metrics, unavailable, tags = None, {}, {}, {}
-            note = (f"registry facts for {self.cfg.model_name}@{self.cfg.model_alias} are not loaded yet "
+            note = (f"registry facts for {self.names.model_name}@{self.names.champion_alias} are not loaded yet "
                     "(the registry is slow or unreachable); they appear when it answers")
         else:
             reg_version, metrics, unavailable, tags, note = facts.version, facts.metrics, facts.unavailable, facts.tags, facts.note
         if reg_version and reg_version != served.version:
             note = (note + "; " if note else "") + (
-                f"the registry's {self.cfg.model_alias} is version {reg_version} but the image server serves "
+                f"the registry's {self.names.champion_alias} is version {reg_version} but the image server serves "
                 f"version {served.version}; the page shows the served one, whose evaluation is not loaded"
             )
             metrics, unavailable, tags = {}, {}, {}
         return ModelInfo(
-            name=served.name, version=served.version, alias=self.cfg.model_alias, registry_version=reg_version,
+            name=served.name, version=served.version, alias=self.names.champion_alias, registry_version=reg_version,
             classes=served.classes, z_dim=served.z_dim, img_resolution=served.img_resolution,
             img_channels=served.img_channels, metrics=metrics, unavailable=unavailable, tags=tags, registry_note=note,
             encoder_ready=served.encoder_ready, classifier_ready=served.classifier_ready,
@@ -394,17 +395,17 @@ class TritonBackend:
             return client.infer(z.astype(np.float32), classes.astype(np.int64))
         except ClientError as exc:
             self._served = None  # the next request re-reads what is served
-            raise self._unavailable(f"version {pinned} of the generator {self.cfg.model_name}", exc) from None
+            raise self._unavailable(f"version {pinned} of the generator {self.names.model_name}", exc) from None
         finally:
             client.model_version = ""
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """``E(image [N, C, R, R] in [-1, 1]) -> z [N, z_dim]``."""
-        return self._infer(self.cfg.encoder_name, {"image": images.astype(np.float32)}, "z")
+        return self._infer(self.names.encoder_name, {"image": images.astype(np.float32)}, "z")
 
     def classify(self, images: np.ndarray) -> np.ndarray:
         """Softmax probabilities ``[N, num_classes]`` of the domain classifier."""
-        logits = self._infer(self.cfg.classifier_name, {"image": images.astype(np.float32)}, "logits").astype(np.float64)
+        logits = self._infer(self.names.classifier_name, {"image": images.astype(np.float32)}, "logits").astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)

@@ -54,7 +54,7 @@ def serve(params: Params, host: str, port: int, workers: int) -> None:
                 "proc_name": "radsynth-web",
                 "when_ready": lambda server: print(
                     f"radsynth web: serving on {url} (gunicorn, {workers} workers x {cfg.threads} threads; "
-                    f"Triton {cfg.triton_url}, model {cfg.model_name}@{cfg.model_alias}); Ctrl-C stops", flush=True),
+                    f"Triton {cfg.triton_url}, model {params.registry.model_name}@{params.registry.champion_alias}); Ctrl-C stops", flush=True),
             }
             for key, value in settings.items():
                 self.cfg.set(key, value)

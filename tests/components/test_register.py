@@ -126,7 +126,7 @@ def test_promote_moves_the_encoder_trained_for_that_generator(registry):
     from mlflow import MlflowClient
 
     root, params = registry
-    client, enc = rg._client(params), params.web.encoder_name
+    client, enc = rg._client(params), params.registry.encoder_name
     gen_sha = json.loads((root / "export" / "export.json").read_text())["sha256"]
     versions = {}
     for label, sha in (("match", gen_sha), ("other", "e" * 64)):  # registered in this order: the newest does not match
@@ -230,3 +230,41 @@ def test_card_stays_within_the_registry_description_limit():
     assert short == "compact " * 10
     clipped = model_card.description(long_card, "y" * 7000, "runs:/r/model_card/model_card.md")
     assert len(clipped) <= model_card.DESCRIPTION_LIMIT and clipped.endswith("runs:/r/model_card/model_card.md`.)\n")
+
+
+def test_renaming_the_model_in_one_key_reaches_register_serve_and_the_client(registry, tmp_path):
+    """docs/own-data.md: `registry.model_name` is the one key to change. Register and promote under
+    the new name, build the repository and start a real tritonserver from the registry, generate
+    through the client: every step finds the renamed model, none looks for the default name."""
+    from serving.client import Client
+    from serving.repository import build_repository
+    from serving.server import TritonServer, free_port
+    from tests.components.evaldata import eval_params
+
+    root, _ = registry
+    renamed = eval_params(tmp_path, **{
+        "registry.model_name": "radsynth-brain",
+        "serve.repository": str(tmp_path / "model_repository"),
+        "serve.http_port": free_port(), "serve.grpc_port": free_port(), "serve.metrics_port": free_port(),
+        "serve.retries": 1, "serve.backoff_s": 0.05, "serve.timeout_s": 20.0,
+    })
+    assert renamed.serve.models == ("radsynth-brain",) and renamed.serve.aliases == ("champion",)
+    out = rg.register(renamed, root / "export", root / "eval-pass")
+    assert out["registered"] and out["model"] == "radsynth-brain"
+    assert rg.promote(renamed)["champion"] == out["version"]
+    client = rg._client(renamed)
+    assert [m.name for m in client.search_registered_models(f"name='{params_default_name()}'")] == []
+    repo = build_repository(renamed)
+    assert (repo / "radsynth-brain").is_dir() and not (repo / params_default_name()).exists()
+    with TritonServer(renamed.serve, repo, log_path=tmp_path / "tritonserver.log"):
+        with Client.from_params(renamed) as generator:
+            assert generator.model_name == "radsynth-brain"
+            sample = generator.sample(CLASSES[0], 2, 5)
+    assert (sample.model_name, sample.model_version) == ("radsynth-brain", str(out["version"]))
+    assert sample.images.shape[0] == 2 and sample.images.dtype == np.uint8
+
+
+def params_default_name() -> str:
+    from radsynth.config import RegistryConfig
+
+    return RegistryConfig().model_name

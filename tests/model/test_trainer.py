@@ -74,7 +74,7 @@ def test_schedule_iterations_alpha_and_baseline_budget():
 
 
 def test_per_resolution_kimg_overrides_the_defaults_and_the_baseline_budget_follows():
-    cfg = TrainConfig(start_resolution=4, kimg_fade=0.4, kimg_stabilize=0.8, batch_size=16, n_critic=5,
+    cfg = TrainConfig(start_resolution=4, kimg_fade=0.4, kimg_stabilize=0.8, batch_size=16, batch_per_resolution={}, n_critic=5,
                       kimg_per_resolution={4: (0.0, 1.6), 16: (0.8, 0.0)})
     prog = build_schedule(cfg, 16, progressive=True)
     assert [(s.resolution, s.fade_iters, s.stabilize_iters) for s in prog] == [(4, 0, 20), (8, 5, 10), (16, 10, 0)]

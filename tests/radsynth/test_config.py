@@ -89,3 +89,27 @@ def test_scientific_notation_is_a_number_for_float_fields(tmp_path, root):
     with pytest.raises(ConfigError, match=r"train\.n_critic must be an integer"):
         load_params(path, overrides={"train.n_critic": "5e0"})
     assert load_params(path, overrides={"model.variant": "2e-3"}).model.variant == "2e-3"
+
+
+@pytest.mark.parametrize("old, new", [("serve.model_name", "registry.model_name"), ("web.model_name", "registry.model_name"),
+                                      ("web.model_alias", "registry.champion_alias"),
+                                      ("web.encoder_name", "registry.encoder_name"),
+                                      ("web.classifier_name", "registry.classifier_name"),
+                                      ("synthesize.alias", "registry.champion_alias"),
+                                      ("web.encoder_steps", "encoder.steps"), ("web.encoder_opset", "encoder.opset")])
+def test_a_moved_key_says_where_it_went(root, old, new):
+    with pytest.raises(ConfigError, match=rf"{old} moved to {new}"):
+        load_params(root / "params.yaml", profile="tiny", overrides={old: "x"})
+
+
+def test_names_and_aliases_are_written_once_in_registry(root):
+    """serve and web take the generator's name and the champion alias from registry: one rename reaches both."""
+    params = load_params(root / "params.yaml", profile="tiny", overrides={"registry.model_name": "radsynth-brain",
+                                                                          "registry.champion_alias": "prod"})
+    assert params.serve.models == ("radsynth-brain",) and params.serve.aliases == ("prod",)
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    names = {"radsynth-generator", "radsynth-classifier", "radsynth-encoder", "champion"}
+    for section, body in raw.items():
+        if section not in ("registry", "profiles") and isinstance(body, dict):
+            assert not names & {str(v) for v in body.values() if not isinstance(v, (dict, list))}, section
+            assert not names & {str(x) for v in body.values() if isinstance(v, list) for x in v}, section

@@ -146,7 +146,7 @@ def triton(registry_params, classifier):
 def client(triton, registry_params):
     from serving.client import Client
 
-    with Client.from_config(registry_params.serve) as c:
+    with Client.from_params(registry_params) as c:
         yield c
 
 

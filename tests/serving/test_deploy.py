@@ -71,7 +71,7 @@ def live(tmp_path_factory, tiny):
 
 
 def served(params) -> tuple[str, np.ndarray]:
-    with Client.from_config(params.serve) as client:
+    with Client.from_params(params) as client:
         return client.info.version, client.generate(CLASSES[0], 2, seed=7)
 
 
@@ -89,7 +89,7 @@ def test_deploy_swaps_the_champion_without_a_restart_and_refuses_an_unhealthy_on
     answered, failed, stop = [], [], threading.Event()
 
     def traffic():                                                              # a client calling all through the swap
-        with Client.from_config(params.serve) as client:
+        with Client.from_params(params) as client:
             while not stop.is_set():
                 try:
                     answered.append(client.refresh().version if len(answered) % 5 == 0 else client.generate(CLASSES[1], 1, 3).shape)

@@ -68,7 +68,7 @@ def test_other_models_are_served_beside_the_generator(client, classifier):
 
 
 def test_http_gives_the_same_images(triton, registry_params, client):
-    with Client.from_config(registry_params.serve, protocol="http") as http:
+    with Client.from_params(registry_params, protocol="http") as http:
         assert http.info.classes == client.info.classes
         np.testing.assert_array_equal(http.generate("COVID", 3, seed=11), client.generate("COVID", 3, seed=11))
         assert http.in_flight == 1                                              # one request at a time over HTTP

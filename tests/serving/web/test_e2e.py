@@ -81,7 +81,7 @@ def _pipeline(tmp) -> "Params":  # noqa: F821 - built below
         "serve.repository": str(tmp / "model_repository"),
         "serve.grpc_port": grpc, "serve.http_port": _free_port(), "serve.metrics_port": _free_port(),
         "web.triton_url": f"127.0.0.1:{grpc}", "web.audit_log": str(tmp / "audit.jsonl"),
-        "web.encoder_steps": 30, "web.max_images": 4,
+        "encoder.steps": 30, "web.max_images": 4,
     })
     torch.set_num_threads(1)
     G, _ = build_networks(params.model, len(CLASSES), 1, 16, seed=0)
@@ -296,7 +296,7 @@ def test_model_not_ready_is_a_503_that_says_so(stack):
     from serving.web.backend import TritonBackend
 
     params, _, _ = stack
-    missing = dataclasses.replace(params, web=dataclasses.replace(params.web, model_name="radsynth-generator-missing"))
+    missing = dataclasses.replace(params, registry=dataclasses.replace(params.registry, model_name="radsynth-generator-missing"))
     client = create_app(missing, backend=TritonBackend(missing)).test_client()
     resp = client.get("/")
     html = resp.get_data(as_text=True)

@@ -3,6 +3,7 @@ and the ``encoder`` step writes its artefacts and registers it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -55,9 +56,9 @@ def test_training_inverts_the_frozen_generator(tiny):
     x_val, c_val = generator_images(G, 48, seed=2)
     before = {k: v.clone() for k, v in G.state_dict().items()}
     torch.manual_seed(0)
-    untrained = Encoder(G.z_dim, 16, 1, params.web.encoder_channels).eval()
+    untrained = Encoder(G.z_dim, 16, 1, params.encoder.channels).eval()
     start = reconstruction_report(untrained, G, x_val, c_val)
-    cfg = params.web.__class__(**{**params.web.__dict__, "encoder_steps": 150, "encoder_batch": 32})
+    cfg = dataclasses.replace(params.encoder, steps=150, batch=32)
     E, losses = train_encoder(G, x, c, cfg, seed=0, progress=False)
     after = reconstruction_report(E, G, x_val, c_val)
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
@@ -98,7 +99,7 @@ def test_encoder_step_writes_artefacts_and_registers(tiny, tmp_path, monkeypatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     params = load_params(ROOT / "params.yaml", profile="tiny", overrides={
         "paths.artifacts": str(art), "paths.mlflow_uri": uri, "paths.mlflow_artifacts": str(tmp_path / "mlartifacts"),
-        "web.encoder_steps": 20,
+        "encoder.steps": 20,
     })
     summary = encoder(params, register=True, progress=False)
     written = json.loads((art / "encoder" / "encoder.json").read_text())

@@ -29,5 +29,7 @@ def test_dry_run_prints_the_web_section():
     out = subprocess.run([sys.executable, "-m", "radsynth.cli", "web", "--profile", "tiny", "--dry-run",
                           "--set", "web.max_images=3"], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}).stdout
-    web = yaml.safe_load(out)["web"]
-    assert web["max_images"] == 3 and web["store_uploads"] is False and web["model_alias"] == "champion"
+    resolved = yaml.safe_load(out)
+    web = resolved["web"]
+    assert web["max_images"] == 3 and web["store_uploads"] is False and "model_alias" not in web
+    assert resolved["registry"]["champion_alias"] == "champion"      # names and aliases live in registry only
