@@ -101,7 +101,7 @@ def triton_client(params: Params, onnx_path: Path, url: str = "") -> Iterator:
 
     cfg = params.serve
     if url:
-        with Client(url, "grpc", params.registry.model_name, "", cfg.timeout_s, cfg.retries, cfg.backoff_s, cfg.max_images_per_call) as client:
+        with Client.from_params(params, url=url, protocol="grpc") as client:
             yield client
         return
     from serving.repository import build_repository
