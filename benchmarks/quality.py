@@ -73,8 +73,12 @@ def prepare(args: argparse.Namespace, salt: str) -> Path:
     salt_dir = Path(args.work).resolve() / salt
     if (salt_dir / "validate" / "report.json").is_file():
         return salt_dir
-    if len(salt) < 16:   # the salt is the site's RADSYNTH_SALT, verbatim: ingest refuses short ones
-        raise SystemExit(f"salt {salt!r} has {len(salt)} characters; ingest needs at least 16 (e.g. quality-salt-0003)")
+    from radsynth.deid import SaltError, check_salt
+
+    try:   # the salt is the site's RADSYNTH_SALT, verbatim: refuse here what ingest would refuse
+        check_salt(salt, f"--salts {salt!r}")
+    except SaltError as exc:
+        raise SystemExit(str(exc)) from None
     for step in ("ingest", "preprocess", "validate"):
         rc = _run(_radsynth(step, args, salt_dir, []), salt_dir / f"{step}.log", _env(salt))
         if rc:
