@@ -761,37 +761,3 @@ def run(args: argparse.Namespace) -> int:
     if not result.passed and params.eval.enforce and not args.allow_fail:
         return 1
     return 0
-
-
-# --------------------------------------------------------------------------------------
-# Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
-# --------------------------------------------------------------------------------------
-from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output  # noqa: E402
-
-from pipelines.component import step_component  # noqa: E402
-
-
-@step_component
-def evaluate_component(profile: str, overrides: list, dataset: Input[Dataset], checkpoint: Input[Model],
-                       evaluation: Output[Artifact], metrics: Output[Metrics], report: Output[Markdown],
-                       pictures: Output[HTML], confusion: Output[ClassificationMetrics]) -> bool:
-    """KFP: metrics and the gate on the last stage's ``G_ema``; returns the verdict for ``dsl.If``.
-
-    The run page shows the gate report (Markdown), the pictures (HTML) and the judge's
-    confusion matrix on generated images (ClassificationMetrics) beside the metrics.
-    """
-    import json as _json
-    import shutil as _shutil
-
-    from components.evaluate import evaluate
-    from pipelines.workspace import step_workspace
-
-    with step_workspace(profile, overrides, inputs={"dataset": dataset.path, "train": checkpoint.path},
-                        outputs={"evaluate": evaluation.path}, metrics=metrics) as ws:
-        result = evaluate(ws.params, progress=True)
-        print(result.gate.summary())
-        _shutil.copyfile(result.out_dir / "gate.md", report.path)
-        _shutil.copyfile(result.out_dir / "report.html", pictures.path)
-        summary = _json.loads((result.out_dir / "evaluate.json").read_text())
-        confusion.log_confusion_matrix(summary["classes"], summary["protocol"]["confusion"]["matrix"])
-    return bool(result.passed)

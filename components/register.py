@@ -506,36 +506,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"registered {out['model']} v{out['version']} @{out['alias']} (gate {out['gate']}, level {out['gate_level']}); "
               f"classifier {out['classifier']} v{out['classifier_version']}; model card {out['model_card']}")
     return 0
-
-
-# --------------------------------------------------------------------------------------
-# Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
-# --------------------------------------------------------------------------------------
-from kfp.dsl import Artifact, Dataset, Input, Markdown, Model, Output  # noqa: E402
-
-from pipelines.component import step_component  # noqa: E402
-
-
-@step_component
-def register_component(profile: str, overrides: list, promote: bool, evaluation: Input[Artifact], onnx: Input[Model],
-                       dataset: Input[Dataset], checkpoint: Input[Model], model_card: Output[Markdown]) -> str:
-    """KFP: register the ONNX generator as ``candidate``; with ``promote``, move ``champion`` to it.
-
-    The model card is also this task's Markdown output, so the run page shows it.
-    """
-    import os
-    import shutil
-
-    from components.register import promote as promote_version
-    from components.register import register
-    from pipelines.workspace import step_workspace
-
-    inputs = {"evaluate": evaluation.path, "export": onnx.path, "dataset": dataset.path, "train": checkpoint.path}
-    with step_workspace(profile, overrides, inputs=inputs) as ws:
-        record = register(ws.params)
-        os.makedirs(os.path.dirname(model_card.path), exist_ok=True)
-        shutil.copyfile(ws.root / "register" / "model_card.md", model_card.path)
-        print(f"registered {record['model']} version {record['version']} (@{record['alias']}, gate {record['gate']})")
-        if promote:
-            promote_version(ws.params, int(record["version"]))
-    return str(record["version"])
