@@ -52,7 +52,7 @@ def encoder(params: Params, register: bool = True, progress: bool = True, gate_d
 
     art = Path(params.paths.artifacts)
     if gate_dir is not None:
-        from components.evaluate import refusal
+        from radsynth.gate import refusal
 
         refused = refusal(gate_dir, STEP)
         if refused is not None:
@@ -129,8 +129,8 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from components.register import log_onnx_model
     from radsynth.io import sha256_file
+    from radsynth.registry import log_onnx_model
     from radsynth.tracking import provenance, setup_mlflow
 
     setup_mlflow(params)

@@ -38,9 +38,9 @@ Writes under ``<artifacts>/evaluate/``:
 
 A failed gate is a recorded result: with ``--allow-fail`` (as ``dvc.yaml`` runs it) the CLI
 exits 0 after writing the verdict, so ``dvc exp run`` keeps a failing experiment's metrics and
-``export`` / ``encoder`` / ``register`` record their refusal (:func:`refusal`). Without it a
-failed gate exits 1 (``eval.enforce``). Kubeflow branches on the verdict (:func:`gate_verdict`)
-with ``dsl.If``.
+``export`` / ``encoder`` / ``register`` record their refusal (:func:`radsynth.gate.refusal`,
+which reads ``gate.json`` without this module's heavy imports). Without it a failed gate exits 1
+(``eval.enforce``). Kubeflow branches on the verdict the component returns, with ``dsl.If``.
 """
 
 from __future__ import annotations
@@ -699,30 +699,6 @@ def evaluate(params: Params, generator_path: str | Path | None = None, dataset_d
     return evaluate_images(images, labels, dataset_dir, params, out_dir,
                            expected_resolution=int(getattr(G, "img_resolution", meta.get("img_resolution", images.shape[-1]))),
                            extra=extra, progress=progress, calibrate=calibrate)
-
-
-def gate_verdict(out_dir: str | Path) -> str:
-    """``"passed"`` or ``"failed"`` from ``gate.json`` (for Kubeflow ``dsl.If``)."""
-    path = Path(out_dir) / "gate.json"
-    if not path.is_file():
-        raise RadsynthError(f"{path}: no gate report; run `radsynth evaluate` first")
-    return "passed" if json.loads(path.read_text()).get("passed") else "failed"
-
-
-def refusal(eval_dir: str | Path, step: str) -> dict | None:
-    """``None`` when the gate in ``eval_dir`` passed; else the record a refusing step writes.
-
-    Raises:
-        RadsynthError: there is no verdict to read.
-    """
-    path = Path(eval_dir) / "gate.json"
-    if gate_verdict(eval_dir) == "passed":
-        return None
-    gate = json.loads(path.read_text())
-    details = [c["detail"] for c in gate.get("checks", []) if not c.get("passed")]
-    return {"step": step, "refused": True, "gate": "failed", "level": gate.get("level", "release"),
-            "failed": gate.get("failed", []),
-            "reason": f"the evaluation gate failed at {gate.get('level', 'release')} level ({path}): " + ("; ".join(details) or "see gate.md")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

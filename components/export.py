@@ -188,7 +188,7 @@ def export(params: Params, generator_path: str | Path | None = None, out_dir: st
     generator_path = Path(generator_path or art / "train" / "G_ema.safetensors")
     out_dir = Path(out_dir or art / STEP)
     if gate_dir is not None:
-        from components.evaluate import refusal
+        from radsynth.gate import refusal
 
         refused = refusal(gate_dir, STEP)
         if refused is not None:

@@ -146,9 +146,9 @@ def synthesize(params: Params, version: int | None = None, alias: str | None = N
         SynthesisError: unknown format/mix, a version whose gate failed, or a server serving another ONNX.
         RadsynthError: the registry or Triton cannot be reached (their messages say why).
     """
-    from components.register import download_version, resolve_alias
     from radsynth.io import atomic_dir, sha256_file, write_json
     from radsynth.latent import z_from_seed
+    from radsynth.registry import download_version, resolve_alias
     from radsynth.tracking import git_commit
     from serving.client import to_uint8
 
