@@ -52,7 +52,7 @@ def encoder(params: Params, register: bool = True, progress: bool = True, gate_d
 
     art = Path(params.paths.artifacts)
     if gate_dir is not None:
-        from components.evaluate import refusal
+        from radsynth.gate import refusal
 
         refused = refusal(gate_dir, STEP)
         if refused is not None:
@@ -129,8 +129,8 @@ def register_encoder(params: Params, onnx_path: Path, summary: dict[str, Any]) -
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from components.register import log_onnx_model
     from radsynth.io import sha256_file
+    from radsynth.registry import log_onnx_model
     from radsynth.tracking import provenance, setup_mlflow
 
     setup_mlflow(params)
@@ -186,28 +186,3 @@ def run(args: argparse.Namespace) -> int:
           + (f"; registered {summary['registered']['name']} v{summary['registered']['version']} as candidate"
              if summary["registered"] else ""))
     return 0
-
-
-# --------------------------------------------------------------------------------------
-# Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
-# --------------------------------------------------------------------------------------
-try:
-    from kfp.dsl import Dataset, Input, Metrics, Model, Output  # noqa: E402
-
-    from pipelines.component import step_component  # noqa: E402
-except ImportError:  # a checkout without pipelines/component.py: the CLI and DVC stage still work
-    step_component = None
-
-if step_component is not None:
-
-    @step_component
-    def encoder_component(profile: str, overrides: list, register: bool, dataset: Input[Dataset], checkpoint: Input[Model],
-                          onnx: Input[Model], encoder: Output[Model], metrics: Output[Metrics]):
-        """KFP: train the encoder on the frozen ``G_ema``, export ``encoder.onnx`` (+ register it)."""
-        from components.encoder import encoder as run_encoder
-        from pipelines.workspace import log_metrics, step_workspace
-
-        inputs = {"dataset": dataset.path, "train": checkpoint.path, "export": onnx.path}
-        with step_workspace(profile, overrides, inputs=inputs, outputs={"encoder": encoder.path}) as ws:
-            summary = run_encoder(ws.params, register=register, progress=False)
-            log_metrics(metrics, {k: summary[k] for k in ("recon_ssim", "recon_ssim_random_z", "recon_mse", "final_loss")})

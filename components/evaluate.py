@@ -38,9 +38,9 @@ Writes under ``<artifacts>/evaluate/``:
 
 A failed gate is a recorded result: with ``--allow-fail`` (as ``dvc.yaml`` runs it) the CLI
 exits 0 after writing the verdict, so ``dvc exp run`` keeps a failing experiment's metrics and
-``export`` / ``encoder`` / ``register`` record their refusal (:func:`refusal`). Without it a
-failed gate exits 1 (``eval.enforce``). Kubeflow branches on the verdict (:func:`gate_verdict`)
-with ``dsl.If``.
+``export`` / ``encoder`` / ``register`` record their refusal (:func:`radsynth.gate.refusal`,
+which reads ``gate.json`` without this module's heavy imports). Without it a failed gate exits 1
+(``eval.enforce``). Kubeflow branches on the verdict the component returns, with ``dsl.If``.
 """
 
 from __future__ import annotations
@@ -701,30 +701,6 @@ def evaluate(params: Params, generator_path: str | Path | None = None, dataset_d
                            extra=extra, progress=progress, calibrate=calibrate)
 
 
-def gate_verdict(out_dir: str | Path) -> str:
-    """``"passed"`` or ``"failed"`` from ``gate.json`` (for Kubeflow ``dsl.If``)."""
-    path = Path(out_dir) / "gate.json"
-    if not path.is_file():
-        raise RadsynthError(f"{path}: no gate report; run `radsynth evaluate` first")
-    return "passed" if json.loads(path.read_text()).get("passed") else "failed"
-
-
-def refusal(eval_dir: str | Path, step: str) -> dict | None:
-    """``None`` when the gate in ``eval_dir`` passed; else the record a refusing step writes.
-
-    Raises:
-        RadsynthError: there is no verdict to read.
-    """
-    path = Path(eval_dir) / "gate.json"
-    if gate_verdict(eval_dir) == "passed":
-        return None
-    gate = json.loads(path.read_text())
-    details = [c["detail"] for c in gate.get("checks", []) if not c.get("passed")]
-    return {"step": step, "refused": True, "gate": "failed", "level": gate.get("level", "release"),
-            "failed": gate.get("failed", []),
-            "reason": f"the evaluation gate failed at {gate.get('level', 'release')} level ({path}): " + ("; ".join(details) or "see gate.md")}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", default=None, help="G_ema checkpoint (default <artifacts>/train/G_ema.safetensors)")
     parser.add_argument("--dataset", default=None, help="prepared dataset (default <artifacts>/dataset)")
@@ -761,37 +737,3 @@ def run(args: argparse.Namespace) -> int:
     if not result.passed and params.eval.enforce and not args.allow_fail:
         return 1
     return 0
-
-
-# --------------------------------------------------------------------------------------
-# Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
-# --------------------------------------------------------------------------------------
-from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output  # noqa: E402
-
-from pipelines.component import step_component  # noqa: E402
-
-
-@step_component
-def evaluate_component(profile: str, overrides: list, dataset: Input[Dataset], checkpoint: Input[Model],
-                       evaluation: Output[Artifact], metrics: Output[Metrics], report: Output[Markdown],
-                       pictures: Output[HTML], confusion: Output[ClassificationMetrics]) -> bool:
-    """KFP: metrics and the gate on the last stage's ``G_ema``; returns the verdict for ``dsl.If``.
-
-    The run page shows the gate report (Markdown), the pictures (HTML) and the judge's
-    confusion matrix on generated images (ClassificationMetrics) beside the metrics.
-    """
-    import json as _json
-    import shutil as _shutil
-
-    from components.evaluate import evaluate
-    from pipelines.workspace import step_workspace
-
-    with step_workspace(profile, overrides, inputs={"dataset": dataset.path, "train": checkpoint.path},
-                        outputs={"evaluate": evaluation.path}, metrics=metrics) as ws:
-        result = evaluate(ws.params, progress=True)
-        print(result.gate.summary())
-        _shutil.copyfile(result.out_dir / "gate.md", report.path)
-        _shutil.copyfile(result.out_dir / "report.html", pictures.path)
-        summary = _json.loads((result.out_dir / "evaluate.json").read_text())
-        confusion.log_confusion_matrix(summary["classes"], summary["protocol"]["confusion"]["matrix"])
-    return bool(result.passed)

@@ -188,7 +188,7 @@ def export(params: Params, generator_path: str | Path | None = None, out_dir: st
     generator_path = Path(generator_path or art / "train" / "G_ema.safetensors")
     out_dir = Path(out_dir or art / STEP)
     if gate_dir is not None:
-        from components.evaluate import refusal
+        from radsynth.gate import refusal
 
         refused = refusal(gate_dir, STEP)
         if refused is not None:
@@ -225,22 +225,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"exported {record['file']} sha256={record['sha256'][:16]}... opset {record['opset']} "
           f"parity max|diff|={record['parity']['max_abs_diff']:.2e} (<= {record['parity']['atol']:g})")
     return 0
-
-
-# --------------------------------------------------------------------------------------
-# Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
-# --------------------------------------------------------------------------------------
-from kfp.dsl import Input, Metrics, Model, Output  # noqa: E402
-
-from pipelines.component import step_component  # noqa: E402
-
-
-@step_component
-def export_component(profile: str, overrides: list, checkpoint: Input[Model], onnx: Output[Model], metrics: Output[Metrics]):
-    """KFP: ``G_ema`` to ONNX with the parity check; ``export.json`` carries the sha256."""
-    from components.export import export
-    from pipelines.workspace import log_metrics, step_workspace
-
-    with step_workspace(profile, overrides, inputs={"train": checkpoint.path}, outputs={"export": onnx.path}) as ws:
-        record = export(ws.params)
-        log_metrics(metrics, record.get("parity") or {})

@@ -596,24 +596,3 @@ def run(args: argparse.Namespace) -> int:
     result = ingest(params, out_dir=args.out, workers=args.workers, progress=not args.no_progress)
     print(format_summary(result))
     return 0
-
-
-# --------------------------------------------------------------------------------------
-# Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
-# --------------------------------------------------------------------------------------
-from kfp.dsl import Artifact, Metrics, Output  # noqa: E402
-
-from pipelines.component import step_component  # noqa: E402
-
-
-@step_component
-def ingest_component(profile: str, overrides: list, raw_dir: str, ingest: Output[Artifact], metrics: Output[Metrics]):
-    """KFP: decode and de-identify the export under ``raw_dir`` into the ``ingest`` artefact."""
-    from components.ingest import format_summary
-    from components.ingest import ingest as run_ingest
-    from pipelines.workspace import raw_overrides, step_workspace
-
-    moved = raw_overrides(profile, overrides, raw_dir)
-    with step_workspace(profile, overrides, outputs={"ingest": ingest.path}, metrics=metrics,
-                        metrics_file="ingest.json", extra_overrides=moved) as ws:
-        print(format_summary(run_ingest(ws.params)))

@@ -215,23 +215,3 @@ def run(args: argparse.Namespace) -> int:
         + (f"\n  hflip: {res.augmented} mirrored training copies" if res.augmented else "")
     )
     return 0
-
-
-# --------------------------------------------------------------------------------------
-# Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
-# --------------------------------------------------------------------------------------
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Output  # noqa: E402
-
-from pipelines.component import step_component  # noqa: E402
-
-
-@step_component
-def preprocess_component(profile: str, overrides: list, ingest: Input[Artifact], dataset: Output[Dataset],
-                         metrics: Output[Metrics]):
-    """KFP: the ``ingest`` artefact -> the prepared ``dataset`` (levels, patient-level split)."""
-    from components.preprocess import preprocess
-    from pipelines.workspace import step_workspace
-
-    with step_workspace(profile, overrides, inputs={"ingest": ingest.path}, outputs={"dataset": dataset.path},
-                        metrics=metrics, metrics_file="preprocess.json") as ws:
-        preprocess(ws.params)

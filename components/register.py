@@ -16,12 +16,13 @@
   gate passed, and says why it refuses otherwise; the classifier's ``champion`` follows, and so
   does the encoder's (the newest encoder trained against that exact generator ONNX).
 * ``rollback``: moves ``champion`` back to the previous champion (history kept as JSON in
-  the registered model's tag ``registry.history_tag``).
+  the registered model's tag ``registry.history_tag``: :func:`radsynth.registry.champion_history`).
 * Every version ``promote``/``rollback`` makes ``champion`` (generator, classifier, encoder) is
   signed (:mod:`radsynth.signing`: model, version and ONNX sha256, with the key only the
   promoting step holds); ``radsynth serve`` refuses a registry version without that signature.
 
-Versions are always resolved by alias (:func:`resolve_alias`), never as "latest".
+Versions are always resolved by alias (:func:`radsynth.registry.resolve_alias`, the library
+serving uses too), never as "latest".
 """
 
 from __future__ import annotations
@@ -29,103 +30,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
+from radsynth import registry
 from radsynth.config import Params
-from radsynth.errors import RadsynthError
+from radsynth.registry import RegistryError
 
 STEP = "register"
-
-
-class RegistryError(RadsynthError):
-    """A registry operation was refused or cannot be done."""
-
-
-def _client(params: Params):
-    from mlflow import MlflowClient
-
-    from radsynth.tracking import setup_mlflow
-
-    setup_mlflow(params)
-    return MlflowClient()
-
-
-def _quiet() -> None:
-    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-    import logging
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def _read(path: Path, what: str) -> dict:
     if not path.is_file():
         raise RegistryError(f"{path}: missing; run `radsynth {what}` first")
     return json.loads(path.read_text())
-
-
-_NP_DTYPES = {1: "float32", 6: "int32", 7: "int64", 2: "uint8", 10: "float16", 11: "float64"}
-
-
-def onnx_signature(onnx_path: str | Path, rows: int = 2):
-    """The MLflow signature and a small valid input example of an ONNX model, read from its graph.
-
-    Batch axes (and any other dynamic axis) are ``-1`` in the signature. The example has
-    ``rows`` items: ``z`` from :func:`radsynth.latent.z_from_seed` (seed 0), integer inputs
-    (``class``) counting through the model's classes, other float inputs (images) in [-1, 1].
-
-    Returns:
-        ``(ModelSignature, {input name: array})``.
-    """
-    import numpy as np
-    import onnx
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    from radsynth.latent import z_from_seed
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    num_classes = max(1, len(json.loads(meta.get("classes", "[]")) or [0]))
-    initializers = {init.name for init in model.graph.initializer}
-
-    def dims(value) -> tuple[int, ...]:
-        return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
-
-    def spec(value) -> TensorSpec:
-        elem = value.type.tensor_type.elem_type
-        if elem not in _NP_DTYPES:
-            raise RegistryError(f"{onnx_path}: tensor {value.name!r} has an ONNX type ({elem}) MLflow signatures do not cover")
-        return TensorSpec(np.dtype(_NP_DTYPES[elem]), (-1, *dims(value)[1:]), value.name)
-
-    inputs = [v for v in model.graph.input if v.name not in initializers]
-    example = {}
-    for value in inputs:
-        shape = (rows, *(d if d > 0 else 1 for d in dims(value)[1:]))
-        dtype = np.dtype(_NP_DTYPES.get(value.type.tensor_type.elem_type, "float32"))
-        if dtype.kind in "iu":
-            example[value.name] = (np.arange(int(np.prod(shape))) % num_classes).reshape(shape).astype(dtype)
-        elif value.name == "z" and len(shape) == 2:
-            example[value.name] = z_from_seed(0, rows, shape[1]).astype(dtype)
-        else:
-            example[value.name] = np.random.default_rng(0).uniform(-1, 1, shape).astype(dtype)
-    signature = ModelSignature(inputs=Schema([spec(v) for v in inputs]), outputs=Schema([spec(v) for v in model.graph.output]))
-    return signature, example
-
-
-def log_onnx_model(onnx_path: str | Path, name: str):
-    """Log an ONNX file as an MLflow model (signature + input example from its graph) and register it as ``name``.
-
-    Returns:
-        MLflow's ``ModelInfo`` (``model_id``, ``registered_model_version``).
-    """
-    import mlflow
-    import onnx
-
-    signature, example = onnx_signature(onnx_path)
-    return mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", registered_model_name=name,
-                                 signature=signature, input_example=example,
-                                 pip_requirements=["onnx", "onnxruntime"], save_as_external_data=False)
 
 
 def training_lineage(train_dir: Path, generator_sha256: str | None) -> dict:
@@ -180,13 +97,13 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
     from radsynth.io import atomic_write_text, sha256_file, write_json
     from radsynth.tracking import provenance
 
-    _quiet()
+    registry.quiet()
     art = Path(params.paths.artifacts)
     export_dir = Path(export_dir or art / "export")
     eval_dir = Path(eval_dir or art / "evaluate")
     dataset_dir = Path(dataset_dir or art / "dataset")
     train_dir = Path(train_dir or art / "train")
-    from components.evaluate import refusal
+    from radsynth.gate import refusal
 
     refused = refusal(eval_dir, STEP)
     record = _read(export_dir / "export.json", "export")
@@ -234,7 +151,7 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
     }
     counts = model_card.counts_per_condition(dataset_dir) if (dataset_dir / "dataset.json").is_file() else None
     calibration = model_card.read_optional_json(eval_dir / "calibration.json")
-    client = _client(params)
+    client = registry.client(params)
     name, clf_name = params.registry.model_name, params.registry.classifier_name
     card_dir = art / STEP
     with mlflow.start_run(run_name=f"{STEP}-{name}", nested=mlflow.active_run() is not None) as run, \
@@ -247,7 +164,7 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
         mlflow.log_dict(params.to_dict(), "params.yaml")
         clf_version = None
         if (eval_dir / "classifier.onnx").is_file():
-            clf_info = log_onnx_model(eval_dir / "classifier.onnx", clf_name)
+            clf_info = registry.log_onnx_model(eval_dir / "classifier.onnx", clf_name)
             clf_version = int(clf_info.registered_model_version)
             mlflow.log_metrics({k: float(metrics[k]) for k in metrics if k.startswith(mk.REAL_ACC) and _finite(metrics[k])},
                                model_id=clf_info.model_id)
@@ -258,7 +175,7 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
                 client.set_model_version_tag(clf_name, str(clf_version), k, v)
             client.set_registered_model_alias(clf_name, params.registry.candidate_alias, str(clf_version))
         # The model first, then its metrics: MLflow 3 links metrics logged with its model_id to it.
-        info = log_onnx_model(onnx_path, name)
+        info = registry.log_onnx_model(onnx_path, name)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _finite(v)}, model_id=info.model_id)
         version = int(info.registered_model_version)
         grid = Path(tmp) / model_card.GRID_FILE
@@ -288,32 +205,6 @@ def register(params: Params, export_dir: str | Path | None = None, eval_dir: str
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _history(client, params: Params) -> list[int]:
-    tags = client.get_registered_model(params.registry.model_name).tags or {}
-    try:
-        return [int(v) for v in json.loads(tags.get(params.registry.history_tag, "[]"))]
-    except (ValueError, TypeError):
-        return []
-
-
-def _alias_version(client, name: str, alias: str) -> int | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return int(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
-
-
-def _version(client, name: str, version: int):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version(name, str(version))
-    except MlflowException:
-        raise RegistryError(f"{name} has no version {version}") from None
 
 
 def _sign(client, params: Params, name: str, version: str) -> None:
@@ -364,15 +255,14 @@ def promote(params: Params, version: int | None = None) -> dict:
         RegistryError: no such version / no candidate, or its gate did not pass (the message
             names the failed checks).
     """
-    _quiet()
-    client = _client(params)
+    client = registry.client(params)
     reg = params.registry
     name = reg.model_name
     if version is None:
-        version = _alias_version(client, name, reg.candidate_alias)
+        version = registry.alias_version(client, name, reg.candidate_alias)
         if version is None:
             raise RegistryError(f"{name} has no @{reg.candidate_alias}; run `radsynth register` or pass --version")
-    mv = _version(client, name, int(version))
+    mv = registry.model_version(client, name, int(version))
     tags = mv.tags or {}
     if tags.get("gate") != "passed":
         failed = tags.get("gate_failed", "[]")
@@ -380,13 +270,13 @@ def promote(params: Params, version: int | None = None) -> dict:
         raise RegistryError(f"refusing to promote {name} v{mv.version} to @{reg.champion_alias}: {why}"
                             + (f" (failed checks: {', '.join(json.loads(failed))})" if failed not in ("", "[]") else "")
                             + "; see gate.md of that run, retrain or re-evaluate")
-    current = _alias_version(client, name, reg.champion_alias)
+    current = registry.alias_version(client, name, reg.champion_alias)
     if current == int(mv.version):
         return {"model": name, "champion": current, "previous": current, "changed": False}
-    history = _history(client, params)
+    history = registry.champion_history(client, params)
     if current is not None:
         history.append(current)
-        client.set_registered_model_tag(name, reg.history_tag, json.dumps(history))
+        registry.set_champion_history(client, params, history)
     _set_champion(client, params, mv)
     return {"model": name, "champion": int(mv.version), "previous": current, "changed": True}
 
@@ -397,75 +287,20 @@ def rollback(params: Params) -> dict:
     Raises:
         RegistryError: there is no previous champion.
     """
-    _quiet()
-    client = _client(params)
+    client = registry.client(params)
     reg = params.registry
     name = reg.model_name
-    history = _history(client, params)
-    current = _alias_version(client, name, reg.champion_alias)
+    history = registry.champion_history(client, params)
+    current = registry.alias_version(client, name, reg.champion_alias)
     while history:
         previous = history.pop()
         if previous == current:
             continue
-        mv = _version(client, name, previous)
-        client.set_registered_model_tag(name, reg.history_tag, json.dumps(history))
+        mv = registry.model_version(client, name, previous)
+        registry.set_champion_history(client, params, history)
         _set_champion(client, params, mv)
         return {"model": name, "champion": previous, "rolled_back_from": current}
     raise RegistryError(f"{name}: no previous @{reg.champion_alias} to roll back to (history is empty)")
-
-
-def resolve_alias(params: Params, alias: str, model_name: str | None = None,
-                  dst_dir: str | Path | None = None) -> tuple[int, Path, dict[str, str]]:
-    """Resolve ``models:/<name>@<alias>``, download its ONNX and verify its sha256.
-
-    Args:
-        params: resolved config.
-        alias: ``champion`` or ``candidate`` (any alias).
-        model_name: default ``registry.model_name`` (use ``registry.classifier_name`` for the classifier).
-        dst_dir: download folder (default ``<artifacts>/registry/<name>-v<version>``).
-
-    Returns:
-        ``(version, local path of model.onnx, version tags)``.
-
-    Raises:
-        RegistryError: no such alias, no ``model.onnx``, or its sha256 differs from the tag.
-    """
-    _quiet()
-    client = _client(params)
-    name = model_name or params.registry.model_name
-    version = _alias_version(client, name, alias)
-    if version is None:
-        raise RegistryError(f"models:/{name}@{alias} does not exist; register a model and promote it (radsynth register / promote)")
-    return download_version(params, version, name, dst_dir)
-
-
-def download_version(params: Params, version: int, model_name: str | None = None,
-                     dst_dir: str | Path | None = None) -> tuple[int, Path, dict[str, str]]:
-    """Download one registered version's ONNX and verify its sha256 (see :func:`resolve_alias`).
-
-    Raises:
-        RegistryError: no such version, no ``model.onnx``, or its sha256 differs from the tag.
-    """
-    import mlflow
-
-    from radsynth.io import sha256_file
-
-    _quiet()
-    client = _client(params)
-    name = model_name or params.registry.model_name
-    mv = _version(client, name, int(version))
-    dst = Path(dst_dir or Path(params.paths.artifacts) / "registry" / f"{name}-v{version}")
-    dst.mkdir(parents=True, exist_ok=True)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
-    onnx_file = local / "model.onnx" if local.is_dir() else local
-    if not onnx_file.is_file():
-        raise RegistryError(f"models:/{name}/{version} has no model.onnx")
-    tags = dict(mv.tags or {})
-    expected = tags.get("onnx_sha256")
-    actual = sha256_file(onnx_file)
-    if expected and actual != expected:
-        raise RegistryError(f"models:/{name}/{version}: downloaded model.onnx sha256 {actual[:12]}... != tag {expected[:12]}...; the artefact store is corrupt")
-    return version, onnx_file, tags
 
 
 # --------------------------------------------------------------------------------------
@@ -506,36 +341,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"registered {out['model']} v{out['version']} @{out['alias']} (gate {out['gate']}, level {out['gate_level']}); "
               f"classifier {out['classifier']} v{out['classifier_version']}; model card {out['model_card']}")
     return 0
-
-
-# --------------------------------------------------------------------------------------
-# Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
-# --------------------------------------------------------------------------------------
-from kfp.dsl import Artifact, Dataset, Input, Markdown, Model, Output  # noqa: E402
-
-from pipelines.component import step_component  # noqa: E402
-
-
-@step_component
-def register_component(profile: str, overrides: list, promote: bool, evaluation: Input[Artifact], onnx: Input[Model],
-                       dataset: Input[Dataset], checkpoint: Input[Model], model_card: Output[Markdown]) -> str:
-    """KFP: register the ONNX generator as ``candidate``; with ``promote``, move ``champion`` to it.
-
-    The model card is also this task's Markdown output, so the run page shows it.
-    """
-    import os
-    import shutil
-
-    from components.register import promote as promote_version
-    from components.register import register
-    from pipelines.workspace import step_workspace
-
-    inputs = {"evaluate": evaluation.path, "export": onnx.path, "dataset": dataset.path, "train": checkpoint.path}
-    with step_workspace(profile, overrides, inputs=inputs) as ws:
-        record = register(ws.params)
-        os.makedirs(os.path.dirname(model_card.path), exist_ok=True)
-        shutil.copyfile(ws.root / "register" / "model_card.md", model_card.path)
-        print(f"registered {record['model']} version {record['version']} (@{record['alias']}, gate {record['gate']})")
-        if promote:
-            promote_version(ws.params, int(record["version"]))
-    return str(record["version"])

@@ -146,9 +146,9 @@ def synthesize(params: Params, version: int | None = None, alias: str | None = N
         SynthesisError: unknown format/mix, a version whose gate failed, or a server serving another ONNX.
         RadsynthError: the registry or Triton cannot be reached (their messages say why).
     """
-    from components.register import download_version, resolve_alias
     from radsynth.io import atomic_dir, sha256_file, write_json
     from radsynth.latent import z_from_seed
+    from radsynth.registry import download_version, resolve_alias
     from radsynth.tracking import git_commit
     from serving.client import to_uint8
 
@@ -323,27 +323,3 @@ def run(args: argparse.Namespace) -> int:
           f"(gate {record['gate']}, level {record['gate_level']}) to {out}: "
           + ", ".join(f"{c} {n}" for c, n in record["counts"].items()) + f"; datasheet {out / 'datasheet.md'}")
     return 0
-
-
-# --------------------------------------------------------------------------------------
-# Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
-# --------------------------------------------------------------------------------------
-from kfp.dsl import Dataset, Markdown, Output  # noqa: E402
-
-from pipelines.component import step_component  # noqa: E402
-
-
-@step_component
-def synthesize_component(profile: str, overrides: list, version: str, synthetic: Output[Dataset], datasheet: Output[Markdown]):
-    """KFP: a synthetic dataset from registered ``version`` through a private Triton; the datasheet is a Markdown output."""
-    import os
-    import shutil
-
-    from components.synthesize import synthesize
-    from pipelines.workspace import step_workspace
-
-    with step_workspace(profile, overrides, outputs={"synthesize": synthetic.path}) as ws:
-        record = synthesize(ws.params, version=int(float(version)))
-        os.makedirs(os.path.dirname(datasheet.path), exist_ok=True)
-        shutil.copyfile(ws.root / "synthesize" / "datasheet.md", datasheet.path)
-        print(f"synthesized {record['images']} images of {record['model']} v{record['version']}: {record['counts']}")

@@ -151,28 +151,3 @@ def progress_html(stage_dir: str | os.PathLike, resolution: int) -> str:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
         parts.append(f"<h3>{html.escape(label)}</h3><img alt='{html.escape(label)}' src='data:image/png;base64,{data}'>")
     return "\n".join(parts) + "\n"
-
-
-# --------------------------------------------------------------------------------------
-# Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
-# --------------------------------------------------------------------------------------
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output  # noqa: E402
-
-from pipelines.component import step_component  # noqa: E402
-
-
-@step_component
-def train_component(profile: str, overrides: list, resolution: int, dataset: Input[Dataset], checkpoint: Output[Model],
-                    metrics: Output[Metrics], progress: Output[HTML], previous: Input[Model] = None):
-    """KFP: one progressive stage at ``resolution``, resuming from the ``previous`` stage's checkpoint;
-    ``progress``: the stage's sample grids (every train.grid_kimg) as an HTML visualisation."""
-    from components.train import progress_html, train
-    from model.trainer import stage_dir
-    from pipelines.workspace import log_metrics, step_workspace
-    from radsynth.io import atomic_write_text
-
-    inputs = {"dataset": dataset.path, "train": previous.path if previous else None}
-    with step_workspace(profile, overrides, inputs=inputs, outputs={"train": checkpoint.path}) as ws:
-        summary = train(ws.params, ws.root / "dataset", ws.root / "train", stage=resolution)
-        log_metrics(metrics, {"kimg": summary.get("kimg"), "seconds": summary.get("seconds"), **(summary.get("last") or {})})
-        atomic_write_text(progress.path, progress_html(stage_dir(ws.root / "train", resolution), resolution))

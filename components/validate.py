@@ -271,26 +271,3 @@ def run(args: argparse.Namespace) -> int:
     for name in res.failed:
         print(f"  - {name}")
     return 1
-
-
-# --------------------------------------------------------------------------------------
-# Kubeflow component: the same function in the project image (pipelines/radsynth_pipeline.py)
-# --------------------------------------------------------------------------------------
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Output  # noqa: E402
-
-from pipelines.component import step_component  # noqa: E402
-
-
-@step_component
-def validate_component(profile: str, overrides: list, dataset: Input[Dataset], validate: Output[Artifact],
-                       metrics: Output[Metrics]):
-    """KFP: Great Expectations over the ``dataset``; a failed expectation fails the run."""
-    from components.validate import validate as run_validate
-    from pipelines.workspace import StepFailed, step_workspace
-
-    with step_workspace(profile, overrides, inputs={"dataset": dataset.path}, outputs={"validate": validate.path}) as ws:
-        result = run_validate(ws.params)
-        metrics.log_metric("expectations", float(result.evaluated))
-        metrics.log_metric("failed", float(len(result.failed)))
-        if not result.success:
-            raise StepFailed(f"dataset validation failed: {', '.join(result.failed)} (see the validate artefact's summary.md)")

@@ -65,10 +65,11 @@ from model.distributed import (
 from model.layers import upsample2x
 from model.losses import LossStats, critic_loss, generator_loss
 from model.registry import build_networks, get_variant
-from model.sampling import class_grid, save_grid_png
+from model.sampling import class_grid
 from model.schedule import Stage, TrainingError, build_schedule, ema_beta, every
 from radsynth.config import Params
 from radsynth.dataset import Dataset
+from radsynth.grid import save_grid_png
 from radsynth.tracking import TrainingTracker, data_version
 
 __all__ = ["Stage", "Trainer", "TrainingError", "build_schedule", "train_networks"]

@@ -1,17 +1,18 @@
-"""How a step module declares its Kubeflow component, and the image it runs in.
+"""How a step's Kubeflow component is declared, and the image it runs in.
 
-``@step_component`` on a plain typed function at the end of ``components/<step>.py`` makes it
-a KFP lightweight component running in the project image (``pipeline.image:pipeline.image_tag``),
+``@step_component`` on a plain typed function in ``pipelines/steps.py`` makes it a KFP
+lightweight component running in the project image (``pipeline.image:pipeline.image_tag``),
 with nothing installed at start-up (``install_kfp_package=False``: the image has kfp).
 It also resolves PEP 563 string annotations (``from __future__ import annotations``), which
 KFP would otherwise read as artefact type names; the function's module must import the KFP
 types it names (``from kfp.dsl import Input, Output, Artifact, ...``).
 
-Components are declared at import time (``@dsl.component(base_image=component_image())``),
-so the image is read from ``params.yaml`` once: ``$RADSYNTH_PARAMS``, else ``./params.yaml``,
-else the file beside this checkout. ``$RADSYNTH_IMAGE`` (``name:tag``) overrides it, e.g. for
-a CI build that tags images with the git sha. The image holds the code and the pinned
-environment, so nothing is installed when a task starts.
+Components are declared when ``pipelines.steps`` is imported (by the pipeline, never by a
+``radsynth <step>`` run), with the image read from ``params.yaml`` then: ``$RADSYNTH_PARAMS``,
+else ``./params.yaml``, else the file beside this checkout. ``$RADSYNTH_IMAGE`` (``name:tag``)
+overrides it, e.g. for a CI build that tags images with the git sha; ``build_pipeline`` sets
+the image from the params it compiles. The image holds the code and the pinned environment,
+so nothing is installed when a task starts.
 """
 
 from __future__ import annotations
@@ -42,20 +43,14 @@ def component_image() -> str:
             try:
                 return image_ref(load_params(candidate).pipeline)
             except ConfigError:
-                # Importing a step module must not fail on a params problem: its own run
-                # reports it clearly, and build_pipeline sets the image from the params it compiles.
+                # Declaring the components must not fail on a params problem: a run reports
+                # it clearly, and build_pipeline sets the image from the params it compiles.
                 break
     return image_ref(PipelineConfig())
 
 
 def step_component(func: Callable) -> Callable:
-    """Decorator: ``func`` as a KFP component in the project image (see the module docstring).
-
-    Inside a running task (``_KFP_RUNTIME=true``) kfp exposes only its runtime types; the
-    step module is imported there for its library function, so ``func`` stays plain.
-    """
-    if os.environ.get("_KFP_RUNTIME") == "true":
-        return func
+    """Decorator: ``func`` as a KFP component in the project image (see the module docstring)."""
     from kfp import dsl
 
     func.__annotations__ = typing.get_type_hints(func, include_extras=True)

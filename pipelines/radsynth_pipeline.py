@@ -12,14 +12,13 @@ for one profile (``radsynth pipeline compile --profile gpu`` writes the committe
 No ``from __future__ import annotations`` here: KFP reads the pipeline signature's types.
 """
 
-
-import importlib
 from typing import Any, Callable
 
 from kfp import dsl
 from kfp import kubernetes
 
 from pipelines.component import image_ref
+from pipelines.steps import COMPONENTS
 from radsynth.config import Params, PipelineConfig
 
 PIPELINE_NAME = "radsynth-pipeline"
@@ -30,13 +29,13 @@ SIGNING_KEY = "RADSYNTH_SIGNING_KEY"   # key in the pipeline.signing_secret Secr
 
 
 def component(step: str, image: str | None = None) -> Any:
-    """The KFP component of ``step``: ``components.<step>.<step>_component``.
+    """The KFP component of ``step``: ``pipelines.steps.<step>_component``.
 
     Its component name is set to the step name, so the task names in the compiled IR are
     the step names (the contract with ``dvc.yaml``); ``image`` (``name:tag``) replaces the
     base image it was declared with.
     """
-    comp = getattr(importlib.import_module(f"components.{step}"), f"{step}_component")
+    comp = COMPONENTS[step]
     comp.component_spec.name = comp.name = step
     if image:
         comp.component_spec.implementation.container.image = image

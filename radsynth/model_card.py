@@ -97,8 +97,8 @@ def sample_grid(onnx_path: str | Path, classes: Sequence[str], per_class: int, s
     """
     import onnxruntime as ort
 
-    from model.sampling import save_grid_png
     from radsynth.dataset import to_uint8
+    from radsynth.grid import save_grid_png
     from radsynth.latent import z_from_seed
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -208,7 +208,7 @@ def local_source(name: str, path: str | Path) -> ModelSource:
 def registry_source(params: Params, name: str, alias: str, download_dir: str | Path) -> ModelSource:
     """Download the version an alias points at, its sha256 verified against the registry.
 
-    Uses ``components.register.resolve_alias`` (which compares the file with the version's
+    Uses :func:`radsynth.registry.resolve_alias` (which compares the file with the version's
     ``onnx_sha256`` tag) and additionally refuses a version that has no such tag.
 
     Args:
@@ -220,7 +220,7 @@ def registry_source(params: Params, name: str, alias: str, download_dir: str | P
     Raises:
         RadsynthError: alias unknown, no ``model.onnx``, tag missing, or sha256 mismatch.
     """
-    from components.register import resolve_alias
+    from radsynth.registry import resolve_alias
 
     version, onnx_path, tags = resolve_alias(params, alias, model_name=name, dst_dir=Path(download_dir) / f"{name}-{alias}")
     expected = tags.get("onnx_sha256")

@@ -35,6 +35,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from radsynth import registry
 from radsynth.config import Params
 from serving.study_report import card_section, compute_report, format_markdown, report_tags, with_card_section
 from serving.study_store import (
@@ -76,20 +77,6 @@ class ImageSource(Protocol):
     def generate(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray: ...
 
 
-def _mlflow_client(params: Params):
-    import logging
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    from mlflow import MlflowClient
-
-    from radsynth.tracking import setup_mlflow
-
-    setup_mlflow(params)
-    return MlflowClient()
-
-
 def resolve_model(params: Params, alias: str | None = None, version: int | None = None,
                   model_name: str | None = None) -> ModelRef:
     """Resolve ``models:/<name>@<alias>`` (default ``registry.champion_alias``) or ``<name>/<version>``.
@@ -100,7 +87,7 @@ def resolve_model(params: Params, alias: str | None = None, version: int | None 
     from mlflow.exceptions import MlflowException
 
     name = model_name or params.registry.model_name
-    client = _mlflow_client(params)
+    client = registry.client(params)
     try:
         if version is None:
             alias = alias or params.registry.champion_alias
@@ -375,7 +362,7 @@ def log_report(params: Params, study: Study, report: dict, files: Sequence[Path]
     """
     from mlflow.exceptions import MlflowException
 
-    client = _mlflow_client(params)
+    client = registry.client(params)
     name, version = study.model_name, study.model_version
     try:
         mv = client.get_model_version(name, str(version))

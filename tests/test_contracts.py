@@ -57,16 +57,17 @@ def test_same_step_names_in_dvc_kfp_and_components(tmp_path):
     assert kfp_steps == set(STEPS)
 
 
-def test_every_step_module_declares_its_kfp_component():
-    """Per the layout: components/<step>.py = plain function + CLI + KFP component."""
-    import importlib
+def test_every_step_has_its_kfp_component_beside_the_pipeline():
+    """Per the layout: components/<step>.py = plain function + CLI; pipelines/steps.py = its KFP component."""
+    from pipelines.steps import COMPONENTS
 
+    assert list(COMPONENTS) == list(STEPS)
     for step in STEPS:
-        module = importlib.import_module(f"components.{step}")
-        comp = getattr(module, f"{step}_component", None)
-        assert comp is not None, f"components/{step}.py has no {step}_component"
+        comp = COMPONENTS[step]
         assert comp.component_spec.implementation.container.image.startswith(
             load_params(ROOT / "params.yaml").pipeline.image + ":")
+        body = comp.component_spec.implementation.container.command[-1]
+        assert f"from components.{step} import" in body, f"{step}_component does not call components/{step}.py"
 
 
 @pytest.mark.parametrize("profile", PROFILES)

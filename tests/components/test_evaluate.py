@@ -15,6 +15,7 @@ from components import export as ex
 from radsynth import metric_keys as mk
 from radsynth.cli import main
 from radsynth.config import EvalConfig, GateConfig, GateLevelConfig
+from radsynth.gate import gate_verdict, refusal
 from tests.components.evaldata import CLASSES, eval_params, make_dataset, save_tiny_generator, synth_images
 
 torch.set_num_threads(1)
@@ -122,7 +123,7 @@ def test_untrained_generator_fails_and_the_verdict_is_recorded(world, capsys):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "FAILED at release level" in page
-    assert ev.gate_verdict(out) == "failed"
+    assert gate_verdict(out) == "failed"
 
     flags = ["--profile", "tiny", "--set", f"paths.artifacts={root / 'artifacts'}", "--set", f"eval.cache_dir={root / 'cache'}",
              "--set", f"eval.inception_weights={root / 'absent.pth'}"]
@@ -131,7 +132,7 @@ def test_untrained_generator_fails_and_the_verdict_is_recorded(world, capsys):
     text = capsys.readouterr().out
     assert "gate FAILED" in text and "unavailable: fid_inception" in text
     assert main([*args, "--allow-fail"]) == 0        # as dvc.yaml runs it: the verdict is in gate.json
-    assert ev.gate_verdict(root / "eval-cli") == "failed"
+    assert gate_verdict(root / "eval-cli") == "failed"
 
     # Downstream steps read the verdict and refuse, on record.
     refused = ex.export(params, gen, root / "export-refused", gate_dir=out)
@@ -163,7 +164,7 @@ def test_plausible_new_images_pass_and_a_demo_level_pass_is_not_a_release(world)
     result = ev.evaluate_images(images, labels, dataset.root, params, root / "eval-good", expected_resolution=16)
     assert result.passed and result.release_passed, result.gate.summary()
     assert (root / "eval-good" / "classifier.onnx").is_file()
-    assert ev.gate_verdict(root / "eval-good") == "passed" and ev.refusal(root / "eval-good", "export") is None
+    assert gate_verdict(root / "eval-good") == "passed" and refusal(root / "eval-good", "export") is None
 
     # The same images judged at demo level, with a release limit they miss: passed, but labelled demo.
     units = max(result.values[mk.per_class(mk.FID_DOMAIN_UNITS, c)] for c in CLASSES)

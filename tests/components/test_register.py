@@ -12,6 +12,7 @@ import torch
 from components import evaluate as ev
 from components import export as ex
 from components import register as rg
+from radsynth import registry as reg
 from radsynth.cli import main
 from tests.components.evaldata import CLASSES, eval_params, make_dataset, save_tiny_generator, synth_images
 
@@ -48,14 +49,14 @@ def test_register_promote_rollback(registry, capsys):
 
     v1 = rg.register(params, root / "export", root / "eval-pass")
     assert (v1["version"], v1["gate"], v1["alias"], v1["registered"]) == (1, "passed", "candidate", True)
-    version, path, tags = rg.resolve_alias(params, "candidate")
+    version, path, tags = reg.resolve_alias(params, "candidate")
     assert version == 1 and path.name == "model.onnx"
     for key in ("onnx_sha256", "classes", "z_dim", "img_resolution", "img_channels", "variant", "git_commit",
                 "data_md5", "params_digest", "gate", "gate_level", "gate_release_passed", "classifier_version", "run_id"):
         assert tags[key], key
     assert (tags["gate_level"], tags["gate_release_passed"]) == ("release", "true")
     # A version whose gate failed (tagged by hand, or registered by an older release) is still never promoted.
-    client = rg._client(params)
+    client = reg.client(params)
     client.set_model_version_tag(name, "1", "gate", "failed")
     client.set_model_version_tag(name, "1", "gate_failed", json.dumps(["cond_acc/NORMAL"]))
     assert json.loads(tags["classes"]) == list(CLASSES) and tags["data_md5"] == "test-md5"
@@ -64,20 +65,20 @@ def test_register_promote_rollback(registry, capsys):
     with pytest.raises(rg.RegistryError, match=r"refusing to promote .* v1 .*gate failed.*failed checks: "):
         rg.promote(params)
     with pytest.raises(rg.RegistryError, match="does not exist"):
-        rg.resolve_alias(params, "champion")
+        reg.resolve_alias(params, "champion")
 
     v2 = rg.register(params, root / "export", root / "eval-pass")["version"]
     assert rg.promote(params)["champion"] == v2 == 2
     v3 = rg.register(params, root / "export", root / "eval-pass")["version"]
-    assert rg.resolve_alias(params, "candidate")[0] == v3 == 3
+    assert reg.resolve_alias(params, "candidate")[0] == v3 == 3
     assert rg.promote(params, v3) == {"model": name, "champion": 3, "previous": 2, "changed": True}
     assert rg.promote(params, v3)["changed"] is False
 
-    clf_version, clf_path, clf_tags = rg.resolve_alias(params, "champion", params.registry.classifier_name)
-    assert clf_path.name == "model.onnx" and str(clf_version) == rg.resolve_alias(params, "champion")[2]["classifier_version"]
+    clf_version, clf_path, clf_tags = reg.resolve_alias(params, "champion", params.registry.classifier_name)
+    assert clf_path.name == "model.onnx" and str(clf_version) == reg.resolve_alias(params, "champion")[2]["classifier_version"]
 
     assert rg.rollback(params) == {"model": name, "champion": 2, "rolled_back_from": 3}
-    assert rg.resolve_alias(params, "champion")[0] == 2
+    assert reg.resolve_alias(params, "champion")[0] == 2
     with pytest.raises(rg.RegistryError, match="no previous"):
         rg.rollback(params)
 
@@ -90,7 +91,7 @@ def test_register_promote_rollback(registry, capsys):
     assert main(["promote", *flags, "--version", "3"]) == 0
     assert "-> v3 (was v2)" in capsys.readouterr().out
     assert main(["rollback", *flags]) == 0
-    assert rg.resolve_alias(params, "champion")[0] == 2
+    assert reg.resolve_alias(params, "champion")[0] == 2
 
 
 def test_resolve_refuses_a_corrupt_artefact(registry):
@@ -100,7 +101,7 @@ def test_resolve_refuses_a_corrupt_artefact(registry):
     version = rg.register(params, root / "export", root / "eval-pass")["version"]
     MlflowClient().set_model_version_tag(params.registry.model_name, str(version), "onnx_sha256", "0" * 64)
     with pytest.raises(rg.RegistryError, match="sha256"):
-        rg.resolve_alias(params, "candidate", dst_dir=root / "dl")
+        reg.resolve_alias(params, "candidate", dst_dir=root / "dl")
 
 
 def test_register_refuses_an_export_that_changed(registry, tmp_path):
@@ -126,11 +127,11 @@ def test_promote_moves_the_encoder_trained_for_that_generator(registry):
     from mlflow import MlflowClient
 
     root, params = registry
-    client, enc = rg._client(params), params.registry.encoder_name
+    client, enc = reg.client(params), params.registry.encoder_name
     gen_sha = json.loads((root / "export" / "export.json").read_text())["sha256"]
     versions = {}
     for label, sha in (("match", gen_sha), ("other", "e" * 64)):  # registered in this order: the newest does not match
-        info = rg.log_onnx_model(root / "eval-pass" / "classifier.onnx", enc)  # any small ONNX stands in for the encoder file
+        info = reg.log_onnx_model(root / "eval-pass" / "classifier.onnx", enc)  # any small ONNX stands in for the encoder file
         versions[label] = str(info.registered_model_version)
         client.set_model_version_tag(enc, versions[label], "generator_onnx_sha256", sha)
         client.set_model_version_tag(enc, versions[label], "onnx_sha256", "d" * 64)  # components/encoder.py tags it; promote signs it
@@ -165,7 +166,7 @@ def test_registered_version_carries_signature_lineage_linked_metrics_and_card(re
     monkeypatch.setenv("RADSYNTH_GIT_COMMIT", "feedc0de" * 5)
 
     out = rg.register(params, root / "export", eval_dir, root / "artifacts" / "dataset", train_dir)
-    client = rg._client(params)
+    client = reg.client(params)
     mv = client.get_model_version(params.registry.model_name, str(out["version"]))
     tags = mv.tags
     assert tags["train_run_id"] == out["train_run_id"] == train_run.info.run_id
@@ -252,7 +253,7 @@ def test_renaming_the_model_in_one_key_reaches_register_serve_and_the_client(reg
     out = rg.register(renamed, root / "export", root / "eval-pass")
     assert out["registered"] and out["model"] == "radsynth-brain"
     assert rg.promote(renamed)["champion"] == out["version"]
-    client = rg._client(renamed)
+    client = reg.client(renamed)
     assert [m.name for m in client.search_registered_models(f"name='{params_default_name()}'")] == []
     repo = build_repository(renamed)
     assert (repo / "radsynth-brain").is_dir() and not (repo / params_default_name()).exists()

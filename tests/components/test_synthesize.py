@@ -99,7 +99,7 @@ def test_png_dataset_is_one_generate_of_n_per_condition_with_manifest_and_datash
 
 def test_dicom_mix_through_a_running_server_and_the_refusals(registry):
     params, good, other, tmp = registry
-    from components.register import download_version
+    from radsynth.registry import download_version
 
     mixed = dataclasses.replace(params, synthesize=dataclasses.replace(params.synthesize, total=20, mix={"COVID": 3, "NORMAL": 1}))
     _, stored, _ = download_version(params, 1, MODEL, tmp / "v1")               # the registry's copy of v1
