@@ -134,13 +134,20 @@ def web_server(sets: Mapping[str, object], secret: str, log: Path, workers: int 
             wait(server, ready, timeout_s)
         yield server
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        _signal_group(proc, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _signal_group(proc, signal.SIGKILL)
             proc.wait()
         proc.stdout.close()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:                 # already gone (stopped by the test, or it died)
+        pass
 
 
 def wait(server: WebServer, path: str, timeout_s: float) -> None:
