@@ -480,6 +480,20 @@ def test_store_uploads_keeps_only_the_preprocessed_image(params, backend, h, tmp
     assert Image.open(files[0]).size == (16, 16)  # the model's input, not the DICOM
 
 
+def test_two_apps_in_one_process_keep_their_own_state(params, backend, h, tmp_path):
+    """Each app's limits, audit log and keys live on that app (WebState), not in module state."""
+    from radsynth.config import load_params
+
+    other = load_params(params_path(), profile="tiny", overrides={
+        **overrides_of(params), "web.max_images": 2, "web.audit_log": str(tmp_path / "other" / "audit.jsonl")})
+    first, second = create_app(params, backend=backend), create_app(other, backend=backend)
+    a, b = first.test_client(), second.test_client()
+    assert h.post_generate(b, n=3).status_code == 400          # over the second app's max_images (2)
+    assert h.post_generate(a, n=3).status_code == 200          # within the first's (4)
+    assert len(audit_lines(params)) == 1 and audit_lines(other) == []
+    assert first.extensions["radsynth"].signer is not second.extensions["radsynth"].signer
+
+
 # helpers to rebuild params with one more override
 def params_path():
     from .conftest import ROOT
