@@ -9,7 +9,7 @@
 
 Used by ``test_e2e.py``, ``test_study_e2e.py``, ``benchmarks/web.py`` and ``benchmarks/soak.py``;
 waiting for a URL is :func:`pipelines.demo.wait_http` (the demo's own wait, which gives up
-early when the process dies).
+early when the process dies), and stopping a process group is the demo's too.
 """
 
 from __future__ import annotations
@@ -113,8 +113,10 @@ def web_server(sets: Mapping[str, object], secret: str, log: Path, workers: int 
     """``radsynth web --profile tiny`` with ``--set`` overrides on a free 127.0.0.1 port.
 
     Returns once gunicorn prints its banner and (``ready``) that path answers 2xx; the whole
-    process group is stopped on exit (SIGTERM, then SIGKILL after 30 s).
+    process group is stopped on exit (SIGTERM, then SIGKILL after 30 s; already gone is fine).
     """
+    from pipelines.demo import _signal_group   # the demo's own: signals a group that may be gone
+
     port = free_port()
     cmd = [sys.executable, "-m", "radsynth.cli", "web", "--profile", "tiny", "--host", "127.0.0.1", "--port", str(port)]
     if workers:
@@ -142,12 +144,6 @@ def web_server(sets: Mapping[str, object], secret: str, log: Path, workers: int 
             proc.wait()
         proc.stdout.close()
 
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:                 # already gone (stopped by the test, or it died)
-        pass
 
 
 def wait(server: WebServer, path: str, timeout_s: float) -> None:
