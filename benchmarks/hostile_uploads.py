@@ -4,7 +4,7 @@ Usage (from the project root; memory, not wall-clock, so no exclusive lock is ne
 
     /work/tools/heavy env PYTHONPATH=$PWD .venv/bin/python benchmarks/hostile_uploads.py
 
-Runs the same cases and the same child-process probe as
+Runs the same cases (``tests/serving/web/hostile_uploads.py``) and the same child-process probe as
 ``tests/serving/web/test_app.py::test_bad_upload_is_refused_clearly_cheaply_and_nothing_is_kept``
 (the web app in Flask's test client with the tiny profile, ``web.max_pixels`` 2048 x 2048,
 a torch backend, so no Triton is needed): each upload is posted twice in one child process,
@@ -29,28 +29,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONTROL_SETUP = """
-import io, pydicom, warnings
-warnings.simplefilter("ignore")
-from tests.radsynth import hostile as H
-DATA = H.j2k_size_lie()
-def CALL(name):
-    ds = pydicom.dcmread(io.BytesIO(DATA))
-    try:
-        ds.pixel_array
-    except Exception as exc:
-        return type(exc).__name__
-    return "decoded"
-"""
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hostile_uploads.json"))
     args = parser.parse_args(argv)
 
     from tests.memprobe import measure
-    from tests.serving.web.test_app import BAD_UPLOADS, MEMORY_BOUND_PER_PIXEL, PROBE_SETUP, WARNED_UPLOADS
+    from tests.serving.web.hostile_uploads import (BAD_UPLOADS, CONTROL_SETUP, MEMORY_BOUND_PER_PIXEL, PROBE_SETUP,
+                                                   WARNED_UPLOADS)
 
     bound = MEMORY_BOUND_PER_PIXEL * 2048 * 2048
     probed = measure(PROBE_SETUP, [*BAD_UPLOADS, *WARNED_UPLOADS])

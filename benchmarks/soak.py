@@ -43,25 +43,27 @@ sys.path.insert(0, str(ROOT))
 
 DICOM = ROOT.parent / "shared" / "data" / "dicom-fixtures" / "chest_DX_nih_nhsx.dcm"
 
+from tests.serving.web.hostile_uploads import BAD_UPLOADS  # noqa: E402  (after the sys.path line)
+
+
+# The hostile kinds are cases of the web's hostile-upload corpus (tests/serving/web/hostile_uploads.py),
+# which also says the status each must get.
+HOSTILE = {
+    "not_image": "not an image, named .png",
+    "truncated_dicom": "truncated DICOM",
+    "tiny_png": "1 x 1 PNG",
+    "colour_png": "colour PNG",
+    "deflate_bomb": "Deflated DICOM bomb (300 KiB -> 300 MiB)",
+    "j2k_size_lie": "JPEG 2000 codestream 8192 x 8192 in a 16 x 16 header",
+    "name_in_frames": "Number of Frames holding a patient name",
+    "giga_header": "4-gigapixel DICOM header",
+}
+
 
 def _inputs() -> dict[str, bytes]:
-    import io
+    from tests.serving.web.hostile_uploads import GREY, png_bytes
 
-    import numpy as np
-    from PIL import Image
-
-    from tests.radsynth import hostile
-
-    grey = (np.random.default_rng(0).random((96, 96)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(grey).save(buf, format="PNG")
-    colour = io.BytesIO()
-    Image.fromarray(np.stack([grey, grey[::-1], np.zeros_like(grey)], axis=-1)).save(colour, format="PNG")
-    dicom = DICOM.read_bytes()
-    return {"dicom": dicom, "png": buf.getvalue(), "colour_png": colour.getvalue(), "truncated_dicom": dicom[:400_000],
-            "not_image": b"%PDF-1.7\n" + b"x" * 4000, "tiny_png": hostile.png(1, 1), "deflate_bomb": hostile.deflate_bomb(),
-            "j2k_size_lie": hostile.j2k_size_lie(), "name_in_frames": hostile.frames_is_a_name(),
-            "giga_header": hostile.huge_header()}
+    return {"dicom": DICOM.read_bytes(), "png": png_bytes(GREY), **{kind: BAD_UPLOADS[case][0]() for kind, case in HOSTILE.items()}}
 
 
 # kind -> (weight, expected status, upload input or None)
@@ -72,14 +74,7 @@ MIX: dict[str, tuple[int, int, str | None]] = {
     "generate_dicom": (3, 200, "dicom"),
     "generate_png": (1, 200, "png"),
     "permalink": (3, 200, None),
-    "not_image": (1, 415, "not_image"),
-    "truncated_dicom": (1, 422, "truncated_dicom"),
-    "tiny_png": (1, 422, "tiny_png"),
-    "colour_png": (1, 422, "colour_png"),
-    "deflate_bomb": (1, 413, "deflate_bomb"),
-    "j2k_size_lie": (1, 422, "j2k_size_lie"),
-    "name_in_frames": (1, 422, "name_in_frames"),
-    "giga_header": (1, 413, "giga_header"),
+    **{kind: (1, BAD_UPLOADS[case][2], kind) for kind, case in HOSTILE.items()},
 }
 
 
@@ -189,9 +184,6 @@ def soak(url: str, users: int, duration: float, inputs: dict[str, bytes]) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-    import subprocess
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--duration", type=float, default=60.0)
@@ -200,41 +192,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "soak.json"))
     args = parser.parse_args(argv)
 
-    from serving.repository import build_repository
-    from serving.server import TritonServer, free_port
-    from tests.serving.web.test_e2e import _pipeline, _wait_http
+    from tests.serving.web.stack import serving_stack
 
     inputs = _inputs()
     with tempfile.TemporaryDirectory(prefix="radsynth-soak-") as tmp:
-        params = _pipeline(Path(tmp))
-        triton = TritonServer(params.serve, build_repository(params))
-        triton.start().wait_ready(120)
-        port = free_port()
-        cmd = [sys.executable, "-m", "radsynth.cli", "web", "--profile", "tiny", "--host", "127.0.0.1", "--port", str(port),
-               "--set", f"paths.mlflow_uri={params.paths.mlflow_uri}", "--set", f"web.triton_url={params.web.triton_url}",
-               "--set", f"web.audit_log={params.web.audit_log}", "--set", "web.max_images=4"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "RADSYNTH_WEB_SECRET": "soak"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        web = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                               stderr=open(Path(tmp) / "web.log", "wb"))
-        url = f"http://127.0.0.1:{port}/"
-        try:
-            _wait_http(url + "healthz", 120)
-            warm = soak(url, args.users, min(15.0, args.duration / 4), inputs)  # every kind, every worker thread
+        with serving_stack(Path(tmp), "soak", sets={"web.max_images": 4}) as stack:
+            params = stack.params
+            warm = soak(stack.url, args.users, min(15.0, args.duration / 4), inputs)  # every kind, every worker thread
             time.sleep(args.rest)
-            pids = stack_processes(web.pid, triton.process.pid)
+            pids = stack_processes(stack.web.process.pid, stack.triton.process.pid)
             before = rss(pids)
-            result = soak(url, args.users, args.duration, inputs)
+            result = soak(stack.url, args.users, args.duration, inputs)
             time.sleep(args.rest)
             after = rss(pids)
-            stderr_text = (Path(tmp) / "web.log").read_text(errors="replace")
-        finally:
-            os.killpg(web.pid, signal.SIGTERM)
-            try:
-                web.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(web.pid, signal.SIGKILL)
-            triton.stop()
+            stderr_text = stack.web.log.read_text(errors="replace")
 
     memory = {}
     for name in pids:

@@ -118,33 +118,14 @@ def concurrent(url: str, users: int, duration: float) -> dict:
 
 
 def self_contained_stack(tmp: Path):
-    """Start the e2e test's stack; returns (url, stop)."""
-    import signal
-    import subprocess
+    """Start the e2e test's stack (tests/serving/web/stack.py); returns (url, stop, params)."""
+    import contextlib
 
-    from serving.repository import build_repository
-    from serving.server import TritonServer, free_port
-    from tests.serving.web.test_e2e import _pipeline, _wait_http
+    from tests.serving.web.stack import serving_stack
 
-    params = _pipeline(tmp)
-    triton = TritonServer(params.serve, build_repository(params))
-    triton.start().wait_ready(120)
-    port = free_port()
-    cmd = [sys.executable, "-m", "radsynth.cli", "web", "--profile", "tiny", "--port", str(port),
-           "--set", f"paths.mlflow_uri={params.paths.mlflow_uri}", "--set", f"web.triton_url={params.web.triton_url}",
-           "--set", f"web.audit_log={params.web.audit_log}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RADSYNTH_WEB_SECRET": "benchmark"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    web = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    _wait_http(url + "healthz", 90)
-
-    def stop() -> None:
-        os.killpg(web.pid, signal.SIGTERM)
-        web.wait(30)
-        triton.stop()
-
-    return url, stop, params
+    stop = contextlib.ExitStack()
+    stack = stop.enter_context(serving_stack(tmp, "benchmark"))
+    return stack.url, stop.close, stack.params
 
 
 def main(argv: list[str] | None = None) -> int:

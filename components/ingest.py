@@ -19,11 +19,10 @@ Output ``<artifacts>/ingest/`` (written atomically)::
 
 Nothing identifying leaves this step: no names, IDs, dates, accession numbers, UIDs,
 institutions, physicians or source paths appear in any output, file name or log line. Every
-identifier is replaced by ``HMAC-SHA256(salt, kind || value)`` (first 20 hex digits,
-:mod:`radsynth.deid`); the salt comes from ``$<data.salt_env>`` or the git-ignored
-``data.salt_file`` (created once, mode 0600), and is checked wherever it comes from (length, no
-placeholder). Losing the salt only changes pseudonyms (and so the split), never the images. No
-DICOM is written, so nothing needs re-identification-proof header scrubbing downstream. Labels
+identifier is replaced by a salted one-way pseudonym (:class:`radsynth.deid.Pseudonyms`, which
+also says where the site salt comes from and how it is checked); the decoding processes get
+that object, never the salt. Losing the salt only changes pseudonyms (and so the split), never
+the images. No DICOM is written, so nothing needs re-identification-proof header scrubbing downstream. Labels
 become class names only when they look like one (``[A-Za-z][A-Za-z0-9_-]*``); header text is
 never copied (reasons quote standard codes only).
 
@@ -46,6 +45,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -55,11 +55,12 @@ import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from radsynth.config import DataConfig, Params
-from radsynth.deid import Decoded, Entry, Rejected, load_salt, pseudonym  # noqa: F401  (load_salt, pseudonym: public here too)
+from radsynth.deid import Decoded, Entry, Pseudonyms, Record, Rejected
 from radsynth.errors import RadsynthError
 
 STEP = "ingest"
@@ -134,8 +135,8 @@ class _Labels:
     quarantine: list[Entry]                    # duplicate / bad rows
 
 
-def read_labels(path: str | os.PathLike, salt: bytes) -> _Labels:
-    """Read ``accession_number,label`` rows, keyed by study pseudonym.
+def read_labels(path: str | os.PathLike, ids: Pseudonyms) -> _Labels:
+    """Read ``accession_number,label`` rows, keyed by study pseudonym (``ids.study``).
 
     Raises:
         IngestError: the file is missing, empty, not UTF-8 CSV, lacks a column, or has no rows.
@@ -172,7 +173,7 @@ def read_labels(path: str | os.PathLike, salt: bytes) -> _Labels:
         if not accession:
             out.quarantine.append(Entry(f"line-{number}", "label_row", "bad_label_row", "empty accession_number"))
             continue
-        study = pseudonym(salt, "study", accession)
+        study = ids.study(accession)
         if study in out.by_study:
             if out.by_study[study] == label:
                 out.quarantine.append(Entry(study, "label_row", "duplicate_label_row", f"labels line {number} repeats a row"))
@@ -188,11 +189,19 @@ def read_labels(path: str | os.PathLike, salt: bytes) -> _Labels:
 # --------------------------------------------------------------------------------------
 
 
+class Task(NamedTuple):
+    """One file of the export, as a decoding process receives it."""
+
+    index: int                                 # position in the sorted file list
+    path: str                                  # where to read it
+    rel: str                                   # path below the export's root (pseudonymised, never output)
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkerContext:
-    """Everything a decoding process needs, set once per process (:func:`_init_worker`)."""
+    """Everything a decoding process needs: handed to each worker call, inherited by the forked processes."""
 
-    salt: bytes
+    ids: Pseudonyms
     resolution: int
     channels: int
     modalities: tuple[str, ...]
@@ -205,29 +214,12 @@ class WorkerContext:
     pixel_std_min: float = 0.0
 
     @classmethod
-    def from_config(cls, cfg: DataConfig, salt: bytes) -> "WorkerContext":
-        return cls(salt=salt, resolution=cfg.img_resolution, channels=cfg.img_channels,
+    def from_config(cls, cfg: DataConfig, ids: Pseudonyms) -> "WorkerContext":
+        return cls(ids=ids, resolution=cfg.img_resolution, channels=cfg.img_channels,
                    modalities=tuple(m.upper() for m in cfg.allowed_modalities),
                    body_parts=tuple(b.upper() for b in cfg.allowed_body_parts), max_pixels=cfg.max_image_pixels,
                    max_file_bytes=cfg.max_file_bytes, patient_regex=cfg.folder_patient_regex,
                    pixel_mean_min=cfg.pixel_mean_min, pixel_mean_max=cfg.pixel_mean_max, pixel_std_min=cfg.pixel_std_min)
-
-
-_CTX: WorkerContext | None = None
-
-
-def _init_worker(ctx: WorkerContext) -> None:
-    global _CTX
-    from radsynth.dicom import quiet_pydicom
-
-    _CTX = ctx
-    quiet_pydicom()  # pydicom's log records and warnings can quote header values
-
-
-def _ctx() -> WorkerContext:
-    if _CTX is None:
-        raise RuntimeError("ingest worker used before _init_worker")
-    return _CTX
 
 
 class _Refused(Exception):
@@ -238,11 +230,10 @@ class _Refused(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _finish(img01: np.ndarray) -> tuple[np.ndarray, str]:
+def _finish(ctx: WorkerContext, img01: np.ndarray) -> tuple[np.ndarray, str]:
     """(uint8 [C, R, R] training image, sha256 of the full-resolution 8-bit pixels); quality-checked."""
     from radsynth.imaging import prepare
 
-    ctx = _ctx()
     native = np.rint(np.asarray(img01, dtype=np.float32) * 255.0).astype(np.uint8)  # [H, W]
     digest = hashlib.sha256(np.asarray(native.shape, dtype=np.int64).tobytes() + native.tobytes()).hexdigest()
     del native
@@ -258,31 +249,33 @@ def _finish(img01: np.ndarray) -> tuple[np.ndarray, str]:
     return image, digest
 
 
-def _process_dicom(task: tuple[int, str, str]):
-    return _guarded(_process_dicom_unsafe, task)
+Worker = Callable[[WorkerContext, Task], Record]
 
 
-def _process_image(task: tuple[int, str, str]):
-    return _guarded(_process_image_unsafe, task)
+def _process_dicom(ctx: WorkerContext, task: Task) -> Record:
+    return _guarded(_process_dicom_unsafe, ctx, task)
 
 
-def _guarded(worker, task: tuple[int, str, str]):
+def _process_image(ctx: WorkerContext, task: Task) -> Record:
+    return _guarded(_process_image_unsafe, ctx, task)
+
+
+def _guarded(worker: Worker, ctx: WorkerContext, task: Task) -> Record:
     """A record never stops the run: anything unexpected becomes an ``unreadable`` entry."""
     try:
-        return worker(task)
+        return worker(ctx, task)
     except Exception as exc:  # a codec or parser bug on one odd file (its message may quote header values)
-        record = pseudonym(_ctx().salt, "file", task[2])
-        return Rejected(Entry(record, "file", "unreadable", f"unexpected {type(exc).__name__} while decoding"), None)
+        _, _, rel = task
+        return Rejected(Entry(ctx.ids.file(rel), "file", "unreadable", f"unexpected {type(exc).__name__} while decoding"), None)
 
 
-def _process_dicom_unsafe(task: tuple[int, str, str]):
+def _process_dicom_unsafe(ctx: WorkerContext, task: Task) -> Record:
     from radsynth.dicom import BODY_PARTS, MODALITIES, ImageError, Limits, dicom_to_array, header_code, header_text, read_guarded
 
     _, path, rel = task
-    ctx = _ctx()
-    file_key = pseudonym(ctx.salt, "file", rel)
+    file_key = ctx.ids.file(rel)
     # The sample names files <Accession>.dcm: a stem lets a label row find an unparseable file.
-    hint = pseudonym(ctx.salt, "study", Path(rel).stem)
+    hint = ctx.ids.study(Path(rel).stem)
     seen: dict[str, str] = {}
 
     def inspect(head) -> None:  # the header alone, before any image check or pixel read
@@ -303,27 +296,26 @@ def _process_dicom_unsafe(task: tuple[int, str, str]):
 
     def rejected(reason: str, detail: str):
         accession = seen.get("accession", "")
-        record, kind = (pseudonym(ctx.salt, "study", accession), "study") if accession else (file_key, "file")
+        record, kind = (ctx.ids.study(accession), "study") if accession else (file_key, "file")
         return Rejected(Entry(record, kind, reason, detail), record if accession else hint)
 
     limits = Limits(max_pixels=ctx.max_pixels, min_side=ctx.resolution, max_bytes=ctx.max_file_bytes)
     try:
         checked = read_guarded(path, limits, inspect=inspect)
-        image, digest = _finish(dicom_to_array(checked, limits))
+        image, digest = _finish(ctx, dicom_to_array(checked, limits))
     except _Refused as exc:
         return rejected(exc.reason, exc.detail)
     except ImageError as exc:
         return rejected(exc.reason, str(exc))
-    study = pseudonym(ctx.salt, "study", seen["accession"])
-    return Decoded(study, "study", pseudonym(ctx.salt, "patient", seen["patient"]), image, digest, study)
+    study = ctx.ids.study(seen["accession"])
+    return Decoded(study, "study", ctx.ids.patient(seen["patient"]), image, digest, study)
 
 
-def _process_image_unsafe(task: tuple[int, str, str]):
+def _process_image_unsafe(ctx: WorkerContext, task: Task) -> Record:
     from radsynth.imaging import ImageError, decode_image_bytes
 
     _, path, rel = task
-    ctx = _ctx()
-    record = pseudonym(ctx.salt, "file", rel)
+    record = ctx.ids.file(rel)
     parts = Path(rel).parts
     label = parts[0] if len(parts) > 1 else ""
 
@@ -337,7 +329,7 @@ def _process_image_unsafe(task: tuple[int, str, str]):
         img01 = decode_image_bytes(data, max_pixels=ctx.max_pixels)
         if min(img01.shape) < ctx.resolution:
             return rejected("too_small", f"image is {img01.shape[1]}x{img01.shape[0]} pixels, smaller than {ctx.resolution}")
-        image, digest = _finish(img01)
+        image, digest = _finish(ctx, img01)
     except OSError as exc:
         return rejected("unreadable", f"cannot read the file ({type(exc).__name__})")
     except ImageError as exc:
@@ -347,7 +339,7 @@ def _process_image_unsafe(task: tuple[int, str, str]):
     stem = Path(rel).stem
     match = re.search(ctx.patient_regex, stem) if ctx.patient_regex else None
     key = (match.group(1) if match and match.groups() else match.group(0)) if match else rel
-    return Decoded(record, "file", pseudonym(ctx.salt, "patient", key), image, digest, None, folder_label=label)
+    return Decoded(record, "file", ctx.ids.patient(key), image, digest, None, folder_label=label)
 
 
 # --------------------------------------------------------------------------------------
@@ -365,10 +357,10 @@ def resolve_workers(requested: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _list_files(root: Path) -> list[tuple[int, str, str]]:
+def _list_files(root: Path) -> list[Task]:
     """Every regular file under ``root`` (any name: DICOM files often have no extension)."""
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    return [(i, str(p), p.relative_to(root).as_posix()) for i, p in enumerate(files)]
+    return [Task(i, str(p), p.relative_to(root).as_posix()) for i, p in enumerate(files)]
 
 
 def ingest(params: Params, out_dir: str | os.PathLike | None = None, workers: int | None = None, progress: bool = True) -> IngestResult:
@@ -394,13 +386,13 @@ def ingest(params: Params, out_dir: str | os.PathLike | None = None, workers: in
     cfg = params.data
     out_dir = Path(out_dir or Path(params.paths.artifacts) / STEP)
     n_workers = resolve_workers(cfg.workers if workers is None else workers)
-    salt = load_salt(cfg)
+    ids = Pseudonyms.load(cfg)
 
     if cfg.source == "dicom":
         root = Path(cfg.dicom_dir)
         if not root.is_dir():
             raise IngestError(f"DICOM folder {cfg.dicom_dir} not found; run `dvc pull data.dvc` or set data.dicom_dir")
-        labels = read_labels(cfg.labels_csv, salt)
+        labels = read_labels(cfg.labels_csv, ids)
         tasks, worker = _list_files(root), _process_dicom
     elif cfg.source == "folders":
         root = Path(cfg.image_dir)
@@ -413,7 +405,7 @@ def ingest(params: Params, out_dir: str | os.PathLike | None = None, workers: in
     if not tasks:
         raise IngestError(f"no files under {root}; is the export there (dvc pull data.dvc)?")
 
-    ctx = WorkerContext.from_config(cfg, salt)
+    ctx = WorkerContext.from_config(cfg, ids)
     start = time.perf_counter()
     results = _run_workers(worker, tasks, ctx, n_workers, progress, tqdm, cfg.record_timeout_s)
     decode_s = time.perf_counter() - start
@@ -460,20 +452,23 @@ def ingest(params: Params, out_dir: str | os.PathLike | None = None, workers: in
     )
 
 
-def _run_workers(worker, tasks, ctx: WorkerContext, n_workers, progress, tqdm, timeout_s: float) -> list:
+def _run_workers(worker: Worker, tasks: list[Task], ctx: WorkerContext, n_workers: int, progress: bool, tqdm,
+                 timeout_s: float) -> list[Record]:
     """Every task's record, in task order, from supervised processes (a crash or an overrun
-    becomes that record's quarantine entry; see :mod:`radsynth.pool`)."""
+    becomes that record's quarantine entry; see :mod:`radsynth.pool`). Each process inherits
+    ``ctx`` with ``worker`` (they are forked): nothing is set up through module state."""
+    from radsynth.dicom import quiet_pydicom
     from radsynth.pool import Failure, supervised_map
 
     bar = tqdm(total=len(tasks), desc=STEP, unit="study", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    results: list = [None] * len(tasks)
+    results: list[Record | None] = [None] * len(tasks)
     chunk = max(1, min(64, len(tasks) // (n_workers * 8)))
     try:
-        for index, res in supervised_map(worker, tasks, n_workers, initializer=_init_worker, initargs=(ctx,),
+        # quiet_pydicom: pydicom's log records and warnings can quote header values
+        for index, res in supervised_map(functools.partial(worker, ctx), tasks, n_workers, initializer=quiet_pydicom,
                                          timeout_s=timeout_s, chunk=chunk):
             if isinstance(res, Failure):
-                record = pseudonym(ctx.salt, "file", tasks[index][2])
-                res = Rejected(Entry(record, "file", res.reason, res.detail), None)
+                res = Rejected(Entry(ctx.ids.file(tasks[index][2]), "file", res.reason, res.detail), None)
             results[index] = res
             bar.update()
     finally:
@@ -481,7 +476,7 @@ def _run_workers(worker, tasks, ctx: WorkerContext, n_workers, progress, tqdm, t
     return results
 
 
-def _assemble(results: list, labels: _Labels | None, cfg: DataConfig) -> tuple[list[tuple[Decoded, str]], list[Entry], list[str]]:
+def _assemble(results: list[Record], labels: _Labels | None, cfg: DataConfig) -> tuple[list[tuple[Decoded, str]], list[Entry], list[str]]:
     """Join labels, drop duplicates, and decide the class list; every drop is quarantined.
 
     Returns:

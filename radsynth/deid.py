@@ -1,5 +1,6 @@
-"""De-identification: the site salt, one-way pseudonyms, and the records that cross from ingest's
-decoding processes to its assembly (pseudonyms and pixels only, never a raw identifier).
+"""De-identification: the site salt, one-way pseudonyms (:class:`Pseudonyms`), and the records that
+cross from ingest's decoding processes to its assembly (pseudonyms and pixels only, never a raw
+identifier).
 
 Every identifier (patient ID, accession number, file path) becomes
 ``HMAC-SHA256(salt, kind NUL value)[:20]``. The salt is what keeps that one-way: with a short
@@ -86,6 +87,38 @@ def load_salt(cfg: DataConfig, root: str | os.PathLike = ".") -> bytes:
 def pseudonym(salt: bytes, kind: str, value: str) -> str:
     """One-way salted pseudonym of an identifier: ``HMAC-SHA256(salt, kind NUL value)[:20]``."""
     return hmac.new(salt, f"{kind}\x00{value.strip()}".encode(), hashlib.sha256).hexdigest()[:PSEUDONYM_HEX]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pseudonyms:
+    """The site's pseudonyms for each kind of identifier, keyed by the salt it holds (and never shows).
+
+    Ingest passes this object, not the salt: its decoding processes and the labels reader ask
+    it for a study, patient or file pseudonym (:func:`pseudonym` with the kind fixed).
+    """
+
+    salt: bytes = dataclasses.field(repr=False)
+
+    @classmethod
+    def load(cls, cfg: DataConfig, root: str | os.PathLike = ".") -> "Pseudonyms":
+        """The site's pseudonyms, with the salt of :func:`load_salt`.
+
+        Raises:
+            SaltError: the salt is unfit or the variable is set but empty.
+        """
+        return cls(load_salt(cfg, root))
+
+    def study(self, accession: str) -> str:
+        """A study (its AccessionNumber)."""
+        return pseudonym(self.salt, "study", accession)
+
+    def patient(self, patient_id: str) -> str:
+        """A patient (its PatientID, or the key a folder export's file name gives)."""
+        return pseudonym(self.salt, "patient", patient_id)
+
+    def file(self, relative_path: str) -> str:
+        """A file (its path relative to the export's root)."""
+        return pseudonym(self.salt, "file", relative_path)
 
 
 # --------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from components.ingest import REASONS, IngestError, ingest, load_salt, pseudonym, read_labels
+from components.ingest import REASONS, IngestError, ingest, read_labels
 from radsynth.config import load_params, parse_override
+from radsynth.deid import Pseudonyms, load_salt, pseudonym
 from radsynth.imaging import decode_image_bytes, dicom_to_array, prepare, read_dicom
 from tests.components.ingest_sample import SAMPLE_RESOLUTION, TEST_SALT, overrides_for, run_cli, sample_run
 from tests.conftest import ROOT
@@ -299,7 +300,7 @@ def test_missing_labels_file_and_export_folder_are_clear_errors(tmp_path, sample
 def test_labels_rows_duplicated_or_conflicting(tmp_path):
     salt = b"x" * 32
     labels = _write_labels(tmp_path / "l.csv", [("A1", "NORMAL"), ("A1", "NORMAL"), ("A2", "NORMAL"), ("A2", "VIRAL"), ("", "NORMAL")])
-    got = read_labels(labels, salt)
+    got = read_labels(labels, Pseudonyms(salt))
     assert got.by_study == {pseudonym(salt, "study", "A1"): "NORMAL", pseudonym(salt, "study", "A2"): "NORMAL"}
     assert got.conflicting == {pseudonym(salt, "study", "A2")}
     assert sorted(q.reason for q in got.quarantine) == ["bad_label_row", "duplicate_label_row"]
@@ -370,12 +371,12 @@ def test_an_unexpected_decoder_failure_is_a_quarantine_entry_not_a_crash():
     from components import ingest as ingest_module
     from radsynth.deid import Rejected
 
-    def boom(task):
+    def boom(ctx, task):
         raise KeyError("GZ0000124")  # the message may carry header values: it must not be echoed
 
     params = load_params(ROOT / "params.yaml", profile="tiny")
-    ingest_module._init_worker(ingest_module.WorkerContext.from_config(params.data, b"s" * 32))
-    res = ingest_module._guarded(boom, (0, "/x/GZ0000124/A1.dcm", "GZ0000124/A1.dcm"))
+    ctx = ingest_module.WorkerContext.from_config(params.data, Pseudonyms(b"s" * 32))
+    res = ingest_module._guarded(boom, ctx, (0, "/x/GZ0000124/A1.dcm", "GZ0000124/A1.dcm"))
     assert isinstance(res, Rejected) and res.entry.reason == "unreadable" and res.entry.kind == "file"
     assert "GZ0000124" not in json.dumps(res.entry.as_dict())
 
@@ -436,7 +437,7 @@ def test_a_record_that_hangs_is_quarantined_as_timeout_and_the_run_goes_on(tmp_p
 
     params, _ = _params(tmp_path, tmp_path / "export" / "dicom", tmp_path / "l.csv")
     tasks = _ingest_tasks(tmp_path, sample_export, params, _fifo_task(tmp_path / "fifo"))
-    ctx = WorkerContext.from_config(params.data, TEST_SALT.encode())
+    ctx = WorkerContext.from_config(params.data, Pseudonyms(TEST_SALT.encode()))
     results = _run_workers(_process_dicom, tasks, ctx, 1, False, tqdm, timeout_s=1.5)
     assert isinstance(results[0], Rejected) and results[0].entry.reason == "timeout"
     assert "A99999999" not in json.dumps(results[0].entry.as_dict()) and "GZ0000124" not in json.dumps(results[0].entry.as_dict())
@@ -457,7 +458,7 @@ def test_a_worker_killed_mid_record_is_a_quarantine_entry_not_a_hang(tmp_path, s
 
     params, _ = _params(tmp_path, tmp_path / "export" / "dicom", tmp_path / "l.csv")
     tasks = _ingest_tasks(tmp_path, sample_export, params, _fifo_task(tmp_path / "fifo"))
-    ctx = WorkerContext.from_config(params.data, TEST_SALT.encode())
+    ctx = WorkerContext.from_config(params.data, Pseudonyms(TEST_SALT.encode()))
     killed = []
 
     def kill_the_blocked_worker():  # as the OOM killer would; only our own child, found by what it waits on
@@ -581,8 +582,7 @@ def test_each_sample_file_is_parsed_once_header_checked_before_its_pixel_data(sa
     from tests.radsynth.parse_log import install
 
     params = load_params(ROOT / "params.yaml", profile="cpu")
-    monkeypatch.setattr(ci, "_CTX", None)
-    ci._init_worker(ci.WorkerContext.from_config(params.data, TEST_SALT.encode()))
+    ctx = ci.WorkerContext.from_config(params.data, Pseudonyms(TEST_SALT.encode()))
     log = install(monkeypatch)
     real_check = dicom.check_header
 
@@ -594,7 +594,7 @@ def test_each_sample_file_is_parsed_once_header_checked_before_its_pixel_data(sa
     outcomes = Counter()
     for task in _sample_tasks():
         log.clear()
-        result = ci._process_dicom(task)
+        result = ci._process_dicom(ctx, task)
         outcome = "decoded" if isinstance(result, ci.Decoded) else result.entry.reason
         outcomes[outcome] += 1
         assert log.meta_reads == 1, (task[2], log.meta_reads)

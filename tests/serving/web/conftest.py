@@ -3,7 +3,8 @@
 Unit tests drive the Flask app with its test client and an in-process backend that runs a
 real tiny generator (``model.registry.build_networks``, tiny profile) and a real encoder in
 PyTorch: the web layer (validation, CSRF, pages, audit, downloads) is what they test. The
-end-to-end test (``test_e2e.py``) runs the same app under gunicorn against a real tritonserver.
+browser tests (``test_e2e.py``, ``test_study_e2e.py``) run the same app under gunicorn (started
+by ``stack.py``; ``test_e2e.py`` against a real tritonserver) in the :func:`browser` here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[3]
 FIXTURES = ROOT.parent / "shared" / "data" / "dicom-fixtures"
 CHEST_DX = FIXTURES / "chest_DX_nih_nhsx.dcm"
 CLASSES = ("NORMAL", "PNEUMONIA_BACTERIAL", "PNEUMONIA_VIRAL")
+ARTIFACTS = ROOT / "tests" / "artifacts"         # browser screenshots (git-ignored)
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 
 
 class TorchBackend:
@@ -145,3 +149,17 @@ class Helpers:
 @pytest.fixture
 def h() -> Helpers:
     return Helpers()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium, driven by Playwright (one per test module)."""
+    from playwright.sync_api import sync_playwright
+
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.fail("Debian's chromium is missing: `apt-get install -y chromium` (make test installs it)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -7,8 +7,9 @@ but every piece is the real one: ``components.export`` exports the generator, ``
 encoder`` trains/exports/registers the encoder, ``components.register`` registers generator
 and classifier and ``promote`` moves ``champion``, ``serving.repository`` builds the model
 repository from the registry (the encoder from its local ONNX file), ``serving.server``
-runs tritonserver. Only the evaluation's output files are written by hand (numbers chosen
-here), because a full evaluation takes minutes.
+runs tritonserver (the stack is started by ``tests/serving/web/stack.py``). Only the
+evaluation's output files are written by hand (numbers chosen there), because a full
+evaluation takes minutes.
 
 The result page's screenshot is saved under ``tests/artifacts/`` (git-ignored).
 """
@@ -17,162 +18,29 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import zipfile
 
 import numpy as np
 import pydicom
 import pytest
-import torch
 from PIL import Image
 
-from radsynth import metric_keys as mk
-
-from .conftest import CHEST_DX, CLASSES, ROOT
+from .conftest import ARTIFACTS, CHEST_DX, CLASSES
 
 for _module, _owner in (("serving.client", "serving"), ("serving.repository", "serving"), ("serving.server", "serving"),
                         ("serving.dicom_out", "serving"), ("components.export", "evaluate/export"),
                         ("components.register", "evaluate/export"), ("model.classifier", "evaluate/export")):
     pytest.importorskip(_module, reason=f"{_module} ({_owner} helper) not merged yet")
 
-ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
-METRICS = {mk.FID_DOMAIN: 38.2, mk.FID_DOMAIN + mk.REF_SUFFIX: 4.1, mk.KID_DOMAIN: 0.027, mk.PRECISION: 0.64,
-           mk.RECALL: 0.51, mk.COND_ACC: 0.81, mk.REAL_ACC: 0.92, mk.MEMORISATION_SHARE: 0.0,
-           mk.per_class(mk.COND_ACC, "PNEUMONIA_VIRAL"): 0.77}
-UNAVAILABLE = {mk.FID_INCEPTION: "InceptionV3 weights file not present (offline machine)",
-               mk.KID_INCEPTION: "InceptionV3 weights file not present (offline machine)"}
-
-
-def _free_port() -> int:
-    from serving.server import free_port
-
-    return free_port()
-
-
-def _pipeline(tmp) -> "Params":  # noqa: F821 - built below
-    """Artefacts and registry as the pipeline leaves them, for tiny untrained models."""
-    from components.encoder import encoder
-    from components.export import export_generator
-    from components.register import promote, register
-    from model.checkpoint import save_generator
-    from model.classifier import ClassifierSpec, DomainClassifier, export_classifier_onnx
-    from model.registry import build_networks
-    from radsynth.config import load_params
-    from radsynth.dataset import save_dataset, to_uint8
-    from radsynth.io import write_json
-    from radsynth.latent import z_from_seed
-
-    art = tmp / "artifacts"
-    uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
-    grpc = _free_port()
-    params = load_params(ROOT / "params.yaml", profile="tiny", overrides={
-        "paths.artifacts": str(art), "paths.mlflow_uri": uri, "paths.mlflow_artifacts": str(tmp / "mlruns" / "artifacts"),
-        "serve.models": ["radsynth-generator", "radsynth-encoder", "radsynth-classifier"],
-        "serve.onnx": {"radsynth-encoder": str(art / "encoder" / "encoder.onnx")},
-        "serve.repository": str(tmp / "model_repository"),
-        "serve.grpc_port": grpc, "serve.http_port": _free_port(), "serve.metrics_port": _free_port(),
-        "web.triton_url": f"127.0.0.1:{grpc}", "web.audit_log": str(tmp / "audit.jsonl"),
-        "encoder.steps": 30, "web.max_images": 4,
-    })
-    torch.set_num_threads(1)
-    G, _ = build_networks(params.model, len(CLASSES), 1, 16, seed=0)
-    G.eval().requires_grad_(False)
-    meta = {"classes": list(CLASSES), "data_md5": "e2e", "params_digest": params.digest(), "variant": G.variant}
-    save_generator(art / "train" / "G_ema.safetensors", G, meta)
-    c = np.arange(90, dtype=np.int64) % len(CLASSES)
-    with torch.no_grad():
-        x = to_uint8(G(torch.from_numpy(z_from_seed(1, 90, G.z_dim)), torch.from_numpy(c)).numpy())
-    levels = {16: x, 8: x.reshape(90, 1, 8, 2, 8, 2).mean(axis=(3, 5)).astype(np.uint8)}
-    save_dataset(art / "dataset", levels, [f"p{i}" for i in range(90)], c, ["train"] * 60 + ["val"] * 20 + ["test"] * 10, CLASSES)
-
-    record = export_generator(G, meta, art / "export" / "generator.onnx", params.export)
-    write_json(art / "export" / "export.json", record)
-    torch.manual_seed(0)
-    clf = DomainClassifier(ClassifierSpec(num_classes=len(CLASSES), img_channels=1, img_resolution=16, width=8)).eval()
-    export_classifier_onnx(clf, art / "evaluate" / "classifier.onnx", CLASSES)
-    write_json(art / "evaluate" / "metrics.json", METRICS)
-    write_json(art / "evaluate" / "gate.json", {"passed": True, "failed": []})
-    write_json(art / "evaluate" / "evaluate.json", {"unavailable": UNAVAILABLE, "protocol": {"data_identity": "e2e"}})
-    register(params)
-    promote(params)
-    encoder(params, register=True, progress=False)
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # setup_mlflow exports these
-        os.environ.pop(key, None)
-    return params
-
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """(params, base URL, triton server): the whole serving stack, torn down at the end."""
-    from serving.repository import build_repository
-    from serving.server import TritonServer
+    """(params, base URL, triton server): the whole serving stack (tests/serving/web/stack.py), torn down at the end."""
+    from .stack import serving_stack
 
-    tmp = tmp_path_factory.mktemp("web-e2e")
-    params = _pipeline(tmp)
-    triton = TritonServer(params.serve, build_repository(params))
-    triton.start()
-    web = None
-    try:
-        triton.wait_ready(120)
-        port = _free_port()
-        sets = [f"paths.mlflow_uri={params.paths.mlflow_uri}", f"web.triton_url={params.web.triton_url}",
-                f"web.audit_log={params.web.audit_log}", "web.max_images=4"]
-        cmd = [sys.executable, "-m", "radsynth.cli", "web", "--profile", "tiny", "--port", str(port), "--workers", "2"]
-        for s in sets:
-            cmd += ["--set", s]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "RADSYNTH_WEB_SECRET": "e2e-secret"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        web = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-        url = f"http://127.0.0.1:{port}/"
-        banner = web.stdout.readline()  # "radsynth web: serving on <url> ..." once gunicorn is ready
-        assert f"serving on {url}" in banner, banner + (web.stdout.read() if web.poll() is not None else "")
-        _wait_http(url + "healthz", 60)
-        yield params, url, triton
-    finally:
-        if web is not None:
-            os.killpg(web.pid, signal.SIGTERM)
-            try:
-                web.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(web.pid, signal.SIGKILL)
-        triton.stop()
-
-
-def _wait_http(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{url} not ready after {timeout_s} s")
-        time.sleep(0.5)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.fail("Debian's chromium is missing: `apt-get install -y chromium` (make test installs it)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+    with serving_stack(tmp_path_factory.mktemp("web-e2e"), "e2e-secret", workers=2, sets={"web.max_images": 4}) as s:
+        yield s.params, s.url, s.triton
 
 
 def _download(page, selector: str) -> tuple[str, bytes]:

@@ -9,15 +9,7 @@ Screenshots go to ``tests/artifacts/`` (git-ignored).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -25,30 +17,8 @@ from radsynth.config import load_params
 from serving.study import create_study
 from tests.serving.study_helpers import TorchSource, make_dataset, tiny_model
 
-from .conftest import ROOT
-
-ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
-
-
-def _free_port() -> int:
-    from serving.server import free_port
-
-    return free_port()
-
-
-def _wait_http(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{url} not ready after {timeout_s} s")
-        time.sleep(0.5)
+from .conftest import ARTIFACTS, ROOT
+from .stack import free_port, web_server
 
 
 @pytest.fixture(scope="module")
@@ -56,43 +26,13 @@ def site(tmp_path_factory):
     """(base URL, study, tokens): `radsynth web` over one 3-reader, 12-image study."""
     tmp = tmp_path_factory.mktemp("study-e2e")
     sets = {"paths.artifacts": str(tmp / "artifacts"), "web.audit_log": str(tmp / "audit.jsonl"),
-            "web.triton_url": f"127.0.0.1:{_free_port()}"}          # nothing listens there
+            "web.triton_url": f"127.0.0.1:{free_port()}"}          # nothing listens there
     params = load_params(ROOT / "params.yaml", profile="tiny", overrides=sets)
     make_dataset(tmp / "artifacts" / "dataset")
     G, ref = tiny_model(params)
     study, tokens = create_study(params, ref, TorchSource(G), readers=3, images=12, seed=2**41 + 5, title="Pilot")
-    port = _free_port()
-    cmd = [sys.executable, "-m", "radsynth.cli", "web", "--profile", "tiny", "--port", str(port), "--workers", "2"]
-    for key, value in sets.items():
-        cmd += ["--set", f"{key}={value}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RADSYNTH_WEB_SECRET": "study-e2e"}
-    web = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        banner = web.stdout.readline()
-        assert f"serving on {url}" in banner, banner + (web.stdout.read() if web.poll() is not None else "")
-        _wait_http(url + "static/study.css", 60)
-        yield url, study, tokens
-    finally:
-        os.killpg(web.pid, signal.SIGTERM)
-        try:
-            web.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(web.pid, signal.SIGKILL)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.fail("Debian's chromium is missing: `apt-get install -y chromium` (make test installs it)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+    with web_server(sets, "study-e2e", tmp / "web.log", workers=2, ready="static/study.css") as web:
+        yield web.url, study, tokens
 
 
 def _pixel_exact(page) -> tuple[int, float]:
