@@ -48,6 +48,17 @@ def client(params: Params):
     return MlflowClient()
 
 
+def reader(params: Params):
+    """A read-only ``MlflowClient`` on the configured URI (``MLFLOW_TRACKING_URI``, else
+    ``paths.mlflow_uri``) for pages that only look: unlike :func:`client` it sets no process-wide
+    URI, creates no database folder and no experiment."""
+    from mlflow.tracking import MlflowClient
+
+    quiet()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.paths.mlflow_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def alias_version(mlflow_client, name: str, alias: str) -> int | None:
     """The version ``name@alias`` points at (``None``: no such alias or model)."""
     from mlflow.exceptions import MlflowException

@@ -109,10 +109,9 @@ def registry_facts(params: Params) -> tuple[str | None, dict[str, float], dict[s
     """
     names = params.registry
     try:
-        from mlflow.tracking import MlflowClient
+        from radsynth.registry import reader
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or params.paths.mlflow_uri
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client = reader(params)
         mv = client.get_model_version_by_alias(names.model_name, names.champion_alias)
         run = client.get_run(mv.run_id) if mv.run_id else None
     except Exception as exc:  # MLflow raises many types (missing alias, unreachable server, no DB)

@@ -50,14 +50,12 @@ class RegistryCards:
         return card
 
     def _fetch(self, name: str, version: str) -> Card:
-        import os
         import tempfile
 
         try:
-            from mlflow.tracking import MlflowClient
+            from radsynth.registry import reader
 
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or self.params.paths.mlflow_uri
-            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            client = reader(self.params)
             mv = client.get_model_version(name, version)
         except Exception as exc:  # MLflow raises many types (no such version, unreachable server)
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
