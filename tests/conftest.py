@@ -101,3 +101,22 @@ def pytest_collection_modifyitems(config, items):
                        or module in INTEGRATION_MODULES or test in INTEGRATION_TESTS
                        or bool(INTEGRATION_FIXTURES & set(item.fixturenames)))
         item.add_marker(pytest.mark.integration if integration else pytest.mark.fast)
+
+
+# A test in the fast lane that turns slow is named at the end of the run (never failed: timed
+# assertions do not belong in tests), so whoever added it can mark it `integration` or list it
+# above before the lane outgrows its minute.
+FAST_LANE_WARN_S = 5.0
+_slow_fast: list[tuple[float, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and "fast" in report.keywords and report.duration > FAST_LANE_WARN_S:
+        _slow_fast.append((report.duration, report.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _slow_fast:
+        terminalreporter.write_sep("-", f"fast-lane tests over {FAST_LANE_WARN_S:.0f} s (mark them integration, tests/conftest.py)")
+        for duration, nodeid in sorted(_slow_fast, reverse=True):
+            terminalreporter.write_line(f"{duration:6.1f} s  {nodeid}")
