@@ -49,9 +49,9 @@ def client(params: Params):
 
 
 def reader(params: Params):
-    """A read-only ``MlflowClient`` on the configured URI (``MLFLOW_TRACKING_URI``, else
-    ``paths.mlflow_uri``) for pages that only look: unlike :func:`client` it sets no process-wide
-    URI, creates no database folder and no experiment."""
+    """An ``MlflowClient`` on the configured URI (``MLFLOW_TRACKING_URI``, else ``paths.mlflow_uri``)
+    for pages that only read: unlike :func:`client` it sets no process-wide URI and makes no
+    folder or experiment (MLflow itself still opens, or creates, a SQLite file it is pointed at)."""
     from mlflow.tracking import MlflowClient
 
     quiet()
