@@ -122,18 +122,20 @@ class Demo:
         for name, proc in reversed(self.children):
             if proc.poll() is None:
                 print(f"stopping {name}", flush=True)
-                _signal_group(proc, signal.SIGTERM)
+                signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + 15
         for _, proc in reversed(self.children):
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
+                signal_group(proc, signal.SIGKILL)
                 proc.wait()
         self.children.clear()
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the process group ``proc`` leads (started with ``start_new_session``); a
+    group that is already gone is not an error."""
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:

@@ -115,7 +115,7 @@ def web_server(sets: Mapping[str, object], secret: str, log: Path, workers: int 
     Returns once gunicorn prints its banner and (``ready``) that path answers 2xx; the whole
     process group is stopped on exit (SIGTERM, then SIGKILL after 30 s; already gone is fine).
     """
-    from pipelines.demo import _signal_group   # the demo's own: signals a group that may be gone
+    from pipelines.demo import signal_group
 
     port = free_port()
     cmd = [sys.executable, "-m", "radsynth.cli", "web", "--profile", "tiny", "--host", "127.0.0.1", "--port", str(port)]
@@ -136,11 +136,11 @@ def web_server(sets: Mapping[str, object], secret: str, log: Path, workers: int 
             wait(server, ready, timeout_s)
         yield server
     finally:
-        _signal_group(proc, signal.SIGTERM)
+        signal_group(proc, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
+            signal_group(proc, signal.SIGKILL)
             proc.wait()
         proc.stdout.close()
 
