@@ -123,6 +123,8 @@ def check_recipe_values(cfg: TrainConfig) -> None:
         raise TrainingError(f"train.gp_interval must be >= 1 (1: penalty on every critic step), got {cfg.gp_interval}")
     if cfg.ema_kimg < 0 or cfg.ema_rampup < 0:
         raise TrainingError(f"train.ema_kimg and train.ema_rampup must be >= 0, got {cfg.ema_kimg}, {cfg.ema_rampup}")
+    if any(h < 0 for h in cfg.ema_probes) or len(set(cfg.ema_probes)) != len(cfg.ema_probes):
+        raise TrainingError(f"train.ema_probes must be distinct half-lives >= 0 (kimg), got {list(cfg.ema_probes)}")
     if not (0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0):
         raise TrainingError(f"train.beta1/beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
     unknown = [op for op in cfg.augment if op not in AUGMENT_OPS]

@@ -10,7 +10,10 @@ of real images and class labels (at data frequency, or uniformly over classes wi
 (:mod:`model.losses`; the penalty on every ``gp_interval``-th critic step only, weighted by
 the interval). D sees real and fake images through the same differentiable augmentation
 (:mod:`model.augment`, probability ``augment_p`` or adaptive towards ``augment_target``).
-After the G step, ``G_ema`` moves towards G with a half-life of ``ema_kimg``.
+After the G step, ``G_ema`` moves towards G with a half-life of ``ema_kimg``. Each half-life in
+``ema_probes`` keeps one more such average on rank 0 (checkpointed, saved beside G_ema under
+``ema_probes/``): the averages never feed back into training, so one run shows what every
+half-life would have given.
 
 During a fade-in the real images are faded too (PG-GAN):
 ``real = lerp(upsample(x_{R/2}), x_R, alpha)``, in [-1, 1] image space, the same blend G
@@ -91,7 +94,13 @@ HISTORY_TSV = "history.tsv"
 
 # Train keys that do not change the arithmetic (excluded from the resume compatibility check).
 _NON_MATH_KEYS = {"recipe", "device", "threads", "checkpoint_kimg", "log_kimg", "grid_kimg", "grid_per_class", "grid_seed",
-                  "tracking", "tracking_retries", "progress"}
+                  "tracking", "tracking_retries", "progress", "ema_probes"}
+EMA_PROBES_DIR = "ema_probes"
+
+
+def ema_probe_path(out_dir: Path, half_life_kimg: float) -> Path:
+    """Where the G average with half-life ``half_life_kimg`` (``train.ema_probes``) is saved."""
+    return Path(out_dir) / EMA_PROBES_DIR / f"G_ema_h{half_life_kimg:g}.safetensors"
 
 
 def config_digest(params: Params, classes: list[str]) -> str:
@@ -144,6 +153,8 @@ class Trainer:
         self.G.to(self.device)
         self.D.to(self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.ema_probes = {h: (dataclasses.replace(self.cfg, ema_kimg=h), copy.deepcopy(self.G_ema))
+                           for h in self.cfg.ema_probes} if self.dist.main else {}
         self._make_optimizers()
         self.gen = torch.Generator(device=self.device).manual_seed(params.seed * 1000 + self.dist.rank)
         self.ada = AdaptiveP(self.cfg.augment_p, self.cfg.augment_target, self.cfg.augment_kimg, self.device) \
@@ -266,12 +277,14 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self, stage: Stage) -> None:
-        beta = ema_beta(self.cfg, stage.images_per_iter, self.kimg + stage.images_per_iter / 1000.0)
-        ema, live = list(self.G_ema.parameters()), [p.detach() for p in self.G.parameters()]
-        if ema:
-            torch._foreach_lerp_(ema, live, 1.0 - beta)
-        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
-            b_ema.copy_(b)
+        kimg = self.kimg + stage.images_per_iter / 1000.0
+        live = [p.detach() for p in self.G.parameters()]
+        for cfg, net in [(self.cfg, self.G_ema), *self.ema_probes.values()]:
+            ema = list(net.parameters())
+            if ema:
+                torch._foreach_lerp_(ema, live, 1.0 - ema_beta(cfg, stage.images_per_iter, kimg))
+            for b_ema, b in zip(net.buffers(), self.G.buffers()):
+                b_ema.copy_(b)
 
     # ---- state ------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -282,6 +295,8 @@ class Trainer:
         }
         if self.ada is not None:
             state["ada"] = {"p": self.ada.p, "stats": self.ada.stats()}
+        if self.ema_probes:
+            state["ema_probes"] = {f"{h:g}": net.state_dict() for h, (_, net) in self.ema_probes.items()}
         return state
 
     def info(self, complete: bool) -> dict[str, Any]:
@@ -318,6 +333,8 @@ class Trainer:
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
         self.G_ema.load_state_dict(state["G_ema"])
+        for h, (_, net) in self.ema_probes.items():   # a probe the checkpoint lacks starts from G_ema here
+            net.load_state_dict(state.get("ema_probes", {}).get(f"{h:g}", state["G_ema"]))
         self.opt_G.load_state_dict(state["opt_G"])
         self.opt_D.load_state_dict(state["opt_D"])
         rng = state["rng"]
@@ -536,6 +553,8 @@ def train_networks(
                     "params_digest": params.digest(), "kimg": round(trainer.kimg, 3), "config_digest": trainer.digest,
                     "seed": params.seed, "train_run_id": trainer.run_id, "recipe": params.train.recipe}
             summary["G_ema"] = str(save_generator(out_dir / "G_ema.safetensors", trainer.G_ema, meta))
+            summary["ema_probes"] = {f"{h:g}": str(save_generator(ema_probe_path(out_dir, h), net, {**meta, "ema_kimg": h}))
+                                     for h, (_, net) in trainer.ema_probes.items()}
         if trainer.dist.main and trainer.history:
             write_history_tsv(out_dir / HISTORY_TSV, trainer.history)
         curves = plot_curves(trainer.history, out_dir / "curves.png") if trainer.dist.main else None

@@ -125,6 +125,7 @@ class TrainConfig:
     drift_epsilon: float = 1e-3                # weight of mean(D(real)^2), keeps critic scores bounded
     ema_kimg: float = 10.0                     # G_ema half-life in kimg of progress (real images shown); 0: G_ema = G
     ema_rampup: float = 0.0                    # half-life at most ema_rampup x the kimg done so far (0: off)
+    ema_probes: tuple[float, ...] = ()         # extra G averages at these half-lives (kimg), saved beside G_ema; never change training
     reset_optimizers: bool = False             # fresh Adam state (G and D) at the start of every new resolution stage
     augment: tuple[str, ...] = ()              # D-input augmentations, real and fake alike: translation cutout brightness contrast
     augment_p: float = 0.0                     # probability each op is applied to an image (start value when adaptive)

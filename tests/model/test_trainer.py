@@ -268,3 +268,39 @@ def test_augmented_lazy_recipe_trains_resumes_bitwise_and_writes_history(root, d
     p = [float(r["train/augment_p"]) for r in rows]
     assert p[0] != p[-1] and all(0.0 <= v <= 1.0 for v in p)           # the adaptive probability moved
     assert any(r["train/gradient_penalty"] for r in rows)
+
+
+def test_ema_probes_are_the_averages_other_half_lives_give_and_survive_a_resume(root, dataset, tmp_path, uninterrupted):
+    """train.ema_probes: one run, several G averages; the recipe's own half-life reproduces G_ema
+    bitwise, half-life 0 is G itself, training is unchanged, and a killed run resumes them exactly."""
+    from model.trainer import ema_probe_path
+
+    full_dir, full = uninterrupted
+    params = tiny(root, **{"train.ema_probes": [10.0, 0.0, 0.2]})     # tiny: ema_kimg 10, no ramp-up
+    assert params.train.ema_kimg == 10.0
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(Killed):
+            train(params, dataset.root, tmp_path / "run", on_iteration=kill_at(8))
+        probed = train(params, dataset.root, tmp_path / "run")
+    finally:
+        torch.set_num_threads(before)
+    assert probed["rank_G_ema_sha256"] == full["rank_G_ema_sha256"]          # the probes never touched training
+    assert sorted(probed["ema_probes"]) == ["0", "0.2", "10"]
+    ema, _ = load_generator(full_dir / "G_ema.safetensors")
+    same, meta = load_generator(ema_probe_path(tmp_path / "run", 10.0))
+    raw, _ = load_generator(ema_probe_path(tmp_path / "run", 0.0))
+    short, _ = load_generator(ema_probe_path(tmp_path / "run", 0.2))
+    assert meta["ema_kimg"] == 10.0 and meta["kimg"] == pytest.approx(full["kimg"])
+    live = weights(full_dir / "stage_16" / "checkpoint.json")[0]["G"]
+    key = "to_rgb.16.weight"
+    for k, v in ema.state_dict().items():
+        assert torch.equal(v, same.state_dict()[k]), k
+    for k, v in live.items():
+        assert torch.equal(v, raw.state_dict()[k]), k
+    g, e, s = live[key], ema.state_dict()[key], short.state_dict()[key]
+    assert not torch.equal(s, g) and not torch.equal(s, e)
+    assert (s - g).abs().sum() < (e - g).abs().sum()                         # a shorter half-life stays nearer G
+    with pytest.raises(TrainingError, match="ema_probes"):
+        train(tiny(root, **{"train.ema_probes": [1.0, 1.0]}), dataset.root, tmp_path / "bad")
