@@ -16,7 +16,10 @@ Reported per recipe, mean +- sd over seeds x salts: per-condition domain Fréche
 units of the size-matched real reference (``fid_domain_units/<c>``), condition accuracy,
 recall, TSTR and TRTR balanced accuracy, the gate verdict and its smallest relative margin.
 ``--gate-salts`` adds one run of the first recipe (the default seed) on further salts to
-count how often the gate passes. Prints tables; writes ``benchmarks/results/quality.json``.
+count how often the gate passes. ``--ema-probes 0,0.5,1`` makes every run keep G averages at
+those half-lives too (``train.ema_probes``: training is unchanged) and evaluates each as a row
+``<recipe>@ema<h>``, so the EMA half-life is chosen from the same runs, not from new ones.
+Prints tables; writes ``benchmarks/results/quality.json``.
 
     /work/tools/heavy .venv/bin/python benchmarks/quality.py --recipes cpu-pgcgan-sa,cpu-dcgan \\
         --seeds 1234,1,2 --salts quality-a,quality-b --gate-salts quality-salt-0003,quality-salt-0004,quality-salt-0005 --jobs 2
@@ -86,41 +89,62 @@ def prepare(args: argparse.Namespace, salt: str) -> Path:
     return salt_dir
 
 
-def run_one(args: argparse.Namespace, salt: str, salt_dir: Path, recipe: str, seed: int, phase: str) -> dict:
-    """Train (and evaluate) one recipe x seed on one salt's dataset; returns what was found."""
-    run_dir = salt_dir / "runs" / f"{recipe}-seed{seed}"
-    sets = [f"train.recipe={recipe}", f"seed={seed}", "train.tracking=false", "train.progress=false"]
-    sets += [f"train.threads={args.threads}"] if args.threads > 0 else []
-    env = _env(salt)
-    result = {"salt": salt, "recipe": recipe, "seed": seed, "dir": str(run_dir)}
-    train_json = run_dir / "train" / "train.json"
-    if not (train_json.is_file() and json.loads(train_json.read_text()).get("complete")):
-        t0 = time.time()
-        rc = _run(_radsynth("train", args, salt_dir, sets) + ["--dataset", str(salt_dir / "dataset"), "--out", str(run_dir / "train")],
-                  run_dir / "train.log", env)
-        if rc:
-            return {**result, "error": f"train exit {rc} (see {run_dir / 'train.log'})"}
-        result["train_wall_s"] = round(time.time() - t0, 1)
-    summary = json.loads(train_json.read_text())
-    result.update(kimg=summary.get("kimg"), train_seconds=summary.get("seconds"), threads=summary.get("threads"))
-    if phase == "train":
-        return result
-    metrics_json = run_dir / "evaluate" / "metrics.json"
+def run_dir_of(salt_dir: Path, recipe: str, seed: int, probes: list[float]) -> Path:
+    """A run's folder: ``<recipe>-seed<S>``, or ``ema-<recipe>-seed<S>`` when it keeps EMA probes."""
+    return salt_dir / "runs" / f"{'ema-' if probes else ''}{recipe}-seed{seed}"
+
+
+def evaluate_one(args: argparse.Namespace, salt: str, salt_dir: Path, sets: list[str], generator: Path, out: Path) -> dict:
+    """``radsynth evaluate`` of one generator into ``out`` (reused when its metrics are there)."""
+    metrics_json = out / "metrics.json"
     if not metrics_json.is_file():
         eval_sets = [*sets, f"eval.cache_dir={salt_dir / 'cache'}"]
-        _run(_radsynth("evaluate", args, salt_dir, eval_sets) + ["--generator", str(run_dir / "train" / "G_ema.safetensors"),
-                                                               "--dataset", str(salt_dir / "dataset"), "--out", str(run_dir / "evaluate"), "--allow-fail"],
-             run_dir / "evaluate.log", env)
+        _run(_radsynth("evaluate", args, salt_dir, eval_sets) + ["--generator", str(generator), "--dataset", str(salt_dir / "dataset"),
+                                                               "--out", str(out), "--allow-fail"],
+             out.parent / f"{out.name}.log", _env(salt))
     if not metrics_json.is_file():
-        return {**result, "error": f"evaluate wrote no metrics (see {run_dir / 'evaluate.log'})"}
-    result["metrics"] = json.loads(metrics_json.read_text())
-    gate_json = run_dir / "evaluate" / "gate.json"
+        return {"error": f"evaluate wrote no metrics (see {out.parent / (out.name + '.log')})"}
+    result: dict = {"metrics": json.loads(metrics_json.read_text())}
+    gate_json = out / "gate.json"
     if gate_json.is_file():
         gate = json.loads(gate_json.read_text())
         result["gate_passed"] = bool(gate.get("passed"))
         result["gate_failed"] = gate.get("failed", [])
         result["gate_min_margin"] = min_margin(gate.get("checks", []))
     return result
+
+
+def run_one(args: argparse.Namespace, salt: str, salt_dir: Path, recipe: str, seed: int, phase: str) -> list[dict]:
+    """Train (and evaluate) one recipe x seed on one salt's dataset; returns what was found.
+
+    With ``--ema-probes`` the run also keeps G averages at those half-lives
+    (``train.ema_probes``, which do not change training) and each is evaluated as its own
+    row, labelled ``<recipe>@ema<h>``; the recipe's own G_ema stays the ``<recipe>`` row.
+    """
+    probes = args.ema_probes
+    run_dir = run_dir_of(salt_dir, recipe, seed, probes)
+    sets = [f"train.recipe={recipe}", f"seed={seed}", "train.tracking=false", "train.progress=false"]
+    sets += [f"train.threads={args.threads}"] if args.threads > 0 else []
+    train_sets = [*sets, f"train.ema_probes=[{', '.join(f'{h:g}' for h in probes)}]"] if probes else sets
+    result = {"salt": salt, "recipe": recipe, "seed": seed, "dir": str(run_dir)}
+    train_json = run_dir / "train" / "train.json"
+    if not (train_json.is_file() and json.loads(train_json.read_text()).get("complete")):
+        t0 = time.time()
+        rc = _run(_radsynth("train", args, salt_dir, train_sets) + ["--dataset", str(salt_dir / "dataset"), "--out", str(run_dir / "train")],
+                  run_dir / "train.log", _env(salt))
+        if rc:
+            return [{**result, "error": f"train exit {rc} (see {run_dir / 'train.log'})"}]
+        result["train_wall_s"] = round(time.time() - t0, 1)
+    summary = json.loads(train_json.read_text())
+    result.update(kimg=summary.get("kimg"), train_seconds=summary.get("seconds"), threads=summary.get("threads"))
+    if phase == "train":
+        return [result]
+    rows = [{**result, **evaluate_one(args, salt, salt_dir, sets, run_dir / "train" / "G_ema.safetensors", run_dir / "evaluate")}]
+    for h in probes:
+        generator = Path(summary.get("ema_probes", {}).get(f"{h:g}", run_dir / "train" / "ema_probes" / f"G_ema_h{h:g}.safetensors"))
+        rows.append({**result, "recipe": f"{recipe}@ema{h:g}", "ema_kimg": h,
+                     **evaluate_one(args, salt, salt_dir, sets, generator, run_dir / f"evaluate-h{h:g}")})
+    return rows
 
 
 def relative_margin(check: dict) -> float | None:
@@ -155,7 +179,7 @@ def aggregate(results: list[dict], classes: list[str]) -> dict:
     figures += [(f"{mk.RECALL}/{c}", f"recall {c}") for c in classes]
     figures += [(mk.TSTR_BALANCED_ACC, "TSTR bal. acc"), (mk.TRTR_BALANCED_ACC, "TRTR bal. acc")]
     out: dict = {}
-    for recipe in sorted({r["recipe"] for r in results}):
+    for recipe in sorted({r["recipe"] for r in results}, key=lambda name: (name.split("@")[0], name)):
         rows = [r for r in results if r["recipe"] == recipe and "metrics" in r]
         agg = {}
         for key, label in figures:
@@ -171,17 +195,21 @@ def aggregate(results: list[dict], classes: list[str]) -> dict:
 
 
 def print_tables(agg: dict, results: list[dict], gate_runs: list[dict]) -> None:
+    """One row per recipe (and EMA probe): mean +- sd of each figure over seeds x salts."""
     recipes = list(agg)
     if not recipes:
         print("no evaluated runs yet")
         return
     keys = [k for k in agg[recipes[0]] if k != "gate_pass"]
-    print(f"{'figure':<28}" + "".join(f"{r:>26}" for r in recipes))
-    for k in keys:
-        label = agg[recipes[0]][k]["label"]
-        cells = "".join(f"{agg[r][k]['mean']:>14.3f} +- {agg[r][k]['sd']:<6.3f} n{agg[r][k]['n']:<1}" for r in recipes)
-        print(f"{label:<28}{cells}")
-    print(f"{'gate passed':<28}" + "".join(f"{str(agg[r]['gate_pass']['passed']) + ' / ' + str(agg[r]['gate_pass']['runs']):>26}" for r in recipes))
+    width = max(len(r) for r in recipes) + 2
+    for group in (keys[i:i + 3] for i in range(0, len(keys), 3)):
+        print(f"{'recipe':<{width}}" + "".join(f"{agg[recipes[0]][k]['label']:>30}" for k in group))
+        for r in recipes:
+            print(f"{r:<{width}}" + "".join(f"{agg[r][k]['mean']:>15.3f} +- {agg[r][k]['sd']:<7.3f} n{agg[r][k]['n']:<3}" for k in group))
+        print()
+    print(f"{'recipe':<{width}}{'gate passed':>14}")
+    for r in recipes:
+        print(f"{r:<{width}}{str(agg[r]['gate_pass']['passed']) + ' / ' + str(agg[r]['gate_pass']['runs']):>14}")
     if gate_runs:
         print("\ngate over salts (first recipe, default seed):")
         for r in gate_runs:
@@ -201,6 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--phase", choices=("train", "all"), default="all")
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "quality"))
     ap.add_argument("--set", action="append", default=[], help="extra --set for every step")
+    ap.add_argument("--ema-probes", default="", help="comma-separated G_ema half-lives (kimg) each run also keeps and evaluates "
+                                                         "(train.ema_probes; runs under ema-<recipe>-seed<S>)")
     ap.add_argument("--wrap", default="", help="run every step under this command (e.g. /work/tools/heavy on a shared machine)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     args = ap.parse_args(argv)
@@ -209,13 +239,14 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     salts = [s for s in args.salts.split(",") if s]
     gate_salts = [s for s in args.gate_salts.split(",") if s]
+    args.ema_probes = [float(h) for h in args.ema_probes.split(",") if h]
 
     prepared = {salt: prepare(args, salt) for salt in [*salts, *gate_salts]}
     jobs = [(salt, recipe, seed) for salt in salts for recipe in recipes for seed in seeds]
     jobs += [(salt, recipes[0], seeds[0]) for salt in gate_salts]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = [pool.submit(run_one, args, salt, prepared[salt], recipe, seed, args.phase) for salt, recipe, seed in jobs]
-        results = [f.result() for f in futures]
+        results = [row for f in futures for row in f.result()]
     for r in results:
         if "error" in r:
             print(f"ERROR {r['salt']} {r['recipe']} seed {r['seed']}: {r['error']}")
@@ -229,7 +260,7 @@ def main(argv=None) -> int:
         for r in results:
             print(f"trained {r['salt']} {r['recipe']} seed {r['seed']}: {r.get('kimg')} kimg in {r.get('train_seconds')} s")
     write_json(args.out, {"profile": args.profile, "recipes": recipes, "seeds": seeds, "salts": salts, "gate_salts": gate_salts,
-                          "threads": args.threads, "aggregate": agg, "runs": results,
+                          "threads": args.threads, "ema_probes": args.ema_probes, "aggregate": agg, "runs": results,
                           "gate_over_salts": [{k: r.get(k) for k in ("salt", "gate_passed", "gate_failed", "gate_min_margin")}
                                               for r in gate_runs]})
     return 0
