@@ -41,6 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+
 from radsynth import metric_keys as mk  # noqa: E402
 from radsynth.io import write_json  # noqa: E402
 
@@ -114,6 +116,25 @@ def evaluate_one(args: argparse.Namespace, salt: str, salt_dir: Path, sets: list
     return result
 
 
+def stale_keys(args: argparse.Namespace, salt_dir: Path, run_dir: Path, train_sets: list[str], ignore: frozenset[str]) -> list[str]:
+    """The model/train keys (and seed) in which a finished run differs from what its recipe
+    gives now (a reused run must be the recipe's run, not an older one's)."""
+    from model.trainer import arithmetic
+    from radsynth.config import load_params, parse_override
+
+    saved_yaml = run_dir / "train" / "params.yaml"
+    if not saved_yaml.is_file():
+        return [f"no {saved_yaml}"]
+    overrides = dict(parse_override(s) for s in [f"paths.artifacts={salt_dir}", *args.set, *train_sets])
+    now = arithmetic(load_params(ROOT / "params.yaml", profile=args.profile, overrides=overrides).to_dict(), ignore)
+    then = arithmetic(yaml.safe_load(saved_yaml.read_text()), ignore)
+    keys = [k for k in ("seed",) if now[k] != then[k]]
+    for section in ("model", "train"):
+        keys += [f"{section}.{k}" for k in sorted(set(now[section]) | set(then[section]))
+                 if now[section].get(k) != then[section].get(k)]
+    return keys
+
+
 def run_one(args: argparse.Namespace, salt: str, salt_dir: Path, recipe: str, seed: int, phase: str) -> list[dict]:
     """Train (and evaluate) one recipe x seed on one salt's dataset; returns what was found.
 
@@ -137,12 +158,18 @@ def run_one(args: argparse.Namespace, salt: str, salt_dir: Path, recipe: str, se
         result["train_wall_s"] = round(time.time() - t0, 1)
     summary = json.loads(train_json.read_text())
     result.update(kimg=summary.get("kimg"), train_seconds=summary.get("seconds"), threads=summary.get("threads"))
+    stale = stale_keys(args, salt_dir, run_dir, train_sets, ignore=frozenset({"ema_kimg"} if probes else ()))
+    if stale:
+        return [{**result, "error": f"{run_dir} was trained with other params than {recipe} gives now ({', '.join(stale)}); "
+                                    f"move it away (or use another --work) to train it again"}]
     if phase == "train":
         return [result]
-    rows = [{**result, **evaluate_one(args, salt, salt_dir, sets, run_dir / "train" / "G_ema.safetensors", run_dir / "evaluate")}]
-    for h in probes:
+    run_ema = float(yaml.safe_load((run_dir / "train" / "params.yaml").read_text())["train"]["ema_kimg"])
+    main = {**result, "recipe": f"{recipe}@ema{run_ema:g}", "ema_kimg": run_ema} if probes else result
+    rows = [{**main, **evaluate_one(args, salt, salt_dir, sets, run_dir / "train" / "G_ema.safetensors", run_dir / "evaluate")}]
+    for h in (h for h in probes if h != run_ema):     # a probe at the run's own half-life is its G_ema
         generator = Path(summary.get("ema_probes", {}).get(f"{h:g}", run_dir / "train" / "ema_probes" / f"G_ema_h{h:g}.safetensors"))
-        rows.append({**result, "recipe": f"{recipe}@ema{h:g}", "ema_kimg": h,
+        rows.append({**result, "recipe": f"{recipe}@ema{h:g}", "ema_kimg": h, "probe": True,
                      **evaluate_one(args, salt, salt_dir, sets, generator, run_dir / f"evaluate-h{h:g}")})
     return rows
 
@@ -179,7 +206,11 @@ def aggregate(results: list[dict], classes: list[str]) -> dict:
     figures += [(f"{mk.RECALL}/{c}", f"recall {c}") for c in classes]
     figures += [(mk.TSTR_BALANCED_ACC, "TSTR bal. acc"), (mk.TRTR_BALANCED_ACC, "TRTR bal. acc")]
     out: dict = {}
-    for recipe in sorted({r["recipe"] for r in results}, key=lambda name: (name.split("@")[0], name)):
+    def order(name: str) -> tuple[str, float]:      # <recipe>@ema<h>: by recipe, then by half-life
+        base, _, h = name.partition("@ema")
+        return base, float(h) if h else -1.0
+
+    for recipe in sorted({r["recipe"] for r in results}, key=order):
         rows = [r for r in results if r["recipe"] == recipe and "metrics" in r]
         agg = {}
         for key, label in figures:
@@ -252,7 +283,7 @@ def main(argv=None) -> int:
             print(f"ERROR {r['salt']} {r['recipe']} seed {r['seed']}: {r['error']}")
     classes = json.loads((prepared[salts[0]] / "dataset" / "dataset.json").read_text())["classes"] if salts else []
     main_runs = [r for r in results if r["salt"] in salts]
-    gate_runs = [r for r in results if r["recipe"] == recipes[0] and r["seed"] == seeds[0]]
+    gate_runs = [r for r in results if r["recipe"].split("@")[0] == recipes[0] and r["seed"] == seeds[0] and not r.get("probe")]
     agg = aggregate(main_runs, classes) if args.phase == "all" else {}
     if args.phase == "all":
         print_tables(agg, main_runs, gate_runs)

@@ -98,6 +98,15 @@ _NON_MATH_KEYS = {"recipe", "device", "threads", "checkpoint_kimg", "log_kimg", 
 EMA_PROBES_DIR = "ema_probes"
 
 
+def arithmetic(resolved: dict[str, Any], ignore: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """What in a resolved config (``Params.to_dict()``, e.g. a run's saved params.yaml) changes
+    the arithmetic of training: ``seed``, ``model`` and ``train`` without the non-math keys
+    (and without the train keys in ``ignore``). Two runs with equal results trained alike."""
+    skip = _NON_MATH_KEYS | set(ignore)
+    return {"seed": resolved.get("seed"), "model": resolved.get("model"),
+            "train": {k: v for k, v in (resolved.get("train") or {}).items() if k not in skip}}
+
+
 def ema_probe_path(out_dir: Path, half_life_kimg: float) -> Path:
     """Where the G average with half-life ``half_life_kimg`` (``train.ema_probes``) is saved."""
     return Path(out_dir) / EMA_PROBES_DIR / f"G_ema_h{half_life_kimg:g}.safetensors"
