@@ -560,7 +560,7 @@ def train_networks(
         if final_done and trainer.dist.main:
             meta = {"classes": trainer.classes, "data_md5": str(dataset.meta.get("data_md5") or data_version()),
                     "params_digest": params.digest(), "kimg": round(trainer.kimg, 3), "config_digest": trainer.digest,
-                    "seed": params.seed, "train_run_id": trainer.run_id, "recipe": params.train.recipe}
+                    "seed": params.seed, "train_run_id": trainer.run_id, "recipe": params.train.recipe, "ema_kimg": params.train.ema_kimg}
             summary["G_ema"] = str(save_generator(out_dir / "G_ema.safetensors", trainer.G_ema, meta))
             summary["ema_probes"] = {f"{h:g}": str(save_generator(ema_probe_path(out_dir, h), net, {**meta, "ema_kimg": h}))
                                      for h, (_, net) in trainer.ema_probes.items()}
