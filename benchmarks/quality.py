@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
+from model.trainer import ema_probe_path  # noqa: E402
 from radsynth import metric_keys as mk  # noqa: E402
 from radsynth.io import write_json  # noqa: E402
 
@@ -116,18 +117,16 @@ def evaluate_one(args: argparse.Namespace, salt: str, salt_dir: Path, sets: list
     return result
 
 
-def stale_keys(args: argparse.Namespace, salt_dir: Path, run_dir: Path, train_sets: list[str], ignore: frozenset[str]) -> list[str]:
-    """The model/train keys (and seed) in which a finished run differs from what its recipe
-    gives now (a reused run must be the recipe's run, not an older one's)."""
+def stale_keys(args: argparse.Namespace, salt_dir: Path, saved: dict, train_sets: list[str], ignore: frozenset[str]) -> list[str]:
+    """The model/train keys (and seed) in which a finished run (``saved``: its resolved
+    params.yaml) differs from what its recipe gives now (a reused run must be the recipe's
+    run, not an older one's)."""
     from model.trainer import arithmetic
     from radsynth.config import load_params, parse_override
 
-    saved_yaml = run_dir / "train" / "params.yaml"
-    if not saved_yaml.is_file():
-        return [f"no {saved_yaml}"]
     overrides = dict(parse_override(s) for s in [f"paths.artifacts={salt_dir}", *args.set, *train_sets])
     now = arithmetic(load_params(ROOT / "params.yaml", profile=args.profile, overrides=overrides).to_dict(), ignore)
-    then = arithmetic(yaml.safe_load(saved_yaml.read_text()), ignore)
+    then = arithmetic(saved, ignore)
     keys = [k for k in ("seed",) if now[k] != then[k]]
     for section in ("model", "train"):
         keys += [f"{section}.{k}" for k in sorted(set(now[section]) | set(then[section]))
@@ -140,7 +139,7 @@ def run_one(args: argparse.Namespace, salt: str, salt_dir: Path, recipe: str, se
 
     With ``--ema-probes`` the run also keeps G averages at those half-lives
     (``train.ema_probes``, which do not change training) and each is evaluated as its own
-    row, labelled ``<recipe>@ema<h>``; the recipe's own G_ema stays the ``<recipe>`` row.
+    row; every row of such a run, its own G_ema included, is labelled ``<recipe>@ema<h>``.
     """
     probes = args.ema_probes
     run_dir = run_dir_of(salt_dir, recipe, seed, probes)
@@ -158,17 +157,21 @@ def run_one(args: argparse.Namespace, salt: str, salt_dir: Path, recipe: str, se
         result["train_wall_s"] = round(time.time() - t0, 1)
     summary = json.loads(train_json.read_text())
     result.update(kimg=summary.get("kimg"), train_seconds=summary.get("seconds"), threads=summary.get("threads"))
-    stale = stale_keys(args, salt_dir, run_dir, train_sets, ignore=frozenset({"ema_kimg"} if probes else ()))
+    saved_yaml = run_dir / "train" / "params.yaml"
+    if not saved_yaml.is_file():
+        return [{**result, "error": f"{run_dir} has no {saved_yaml.name}; move it away (or use another --work) to train it again"}]
+    saved = yaml.safe_load(saved_yaml.read_text())
+    stale = stale_keys(args, salt_dir, saved, train_sets, ignore=frozenset({"ema_kimg"} if probes else ()))
     if stale:
         return [{**result, "error": f"{run_dir} was trained with other params than {recipe} gives now ({', '.join(stale)}); "
                                     f"move it away (or use another --work) to train it again"}]
     if phase == "train":
         return [result]
-    run_ema = float(yaml.safe_load((run_dir / "train" / "params.yaml").read_text())["train"]["ema_kimg"])
+    run_ema = float(saved["train"]["ema_kimg"])
     main = {**result, "recipe": f"{recipe}@ema{run_ema:g}", "ema_kimg": run_ema} if probes else result
     rows = [{**main, **evaluate_one(args, salt, salt_dir, sets, run_dir / "train" / "G_ema.safetensors", run_dir / "evaluate")}]
     for h in (h for h in probes if h != run_ema):     # a probe at the run's own half-life is its G_ema
-        generator = Path(summary.get("ema_probes", {}).get(f"{h:g}", run_dir / "train" / "ema_probes" / f"G_ema_h{h:g}.safetensors"))
+        generator = Path(summary.get("ema_probes", {}).get(f"{h:g}", ema_probe_path(run_dir / "train", h)))
         rows.append({**result, "recipe": f"{recipe}@ema{h:g}", "ema_kimg": h, "probe": True,
                      **evaluate_one(args, salt, salt_dir, sets, generator, run_dir / f"evaluate-h{h:g}")})
     return rows
