@@ -32,9 +32,11 @@ import concurrent.futures
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +53,10 @@ BIN = Path(sys.executable).parent
 
 
 WRAP: list[str] = []     # --wrap: a command each step runs under (e.g. a shared-CPU lock)
+# Per salt: the first evaluation trains the judge and the calibration sets into the salt's cache;
+# with --jobs > 1 the others wait for it, rather than train the same judge side by side.
+_FIRST_EVAL: dict[Path, tuple[threading.Lock, list[bool]]] = {}
+_FIRST_EVAL_GUARD = threading.Lock()
 
 
 def _run(cmd: list[str], log: Path, env: dict) -> int:
@@ -92,9 +98,14 @@ def prepare(args: argparse.Namespace, salt: str) -> Path:
     return salt_dir
 
 
-def run_dir_of(salt_dir: Path, recipe: str, seed: int, probes: list[float]) -> Path:
-    """A run's folder: ``<recipe>-seed<S>``, or ``ema-<recipe>-seed<S>`` when it keeps EMA probes."""
-    return salt_dir / "runs" / f"{'ema-' if probes else ''}{recipe}-seed{seed}"
+def label_of(recipe: str, tag: str) -> str:
+    """A recipe's row label: ``<recipe>``, or ``<recipe>+<tag>`` for a ``--tag``ged variant."""
+    return f"{recipe}+{tag}" if tag else recipe
+
+
+def run_dir_of(salt_dir: Path, label: str, seed: int, probes: list[float]) -> Path:
+    """A run's folder: ``<label>-seed<S>``, or ``ema-<label>-seed<S>`` when it keeps EMA probes."""
+    return salt_dir / "runs" / f"{'ema-' if probes else ''}{label}-seed{seed}"
 
 
 def evaluate_one(args: argparse.Namespace, salt: str, salt_dir: Path, sets: list[str], generator: Path, out: Path) -> dict:
@@ -102,9 +113,16 @@ def evaluate_one(args: argparse.Namespace, salt: str, salt_dir: Path, sets: list
     metrics_json = out / "metrics.json"
     if not metrics_json.is_file():
         eval_sets = [*sets, f"eval.cache_dir={salt_dir / 'cache'}"]
-        _run(_radsynth("evaluate", args, salt_dir, eval_sets) + ["--generator", str(generator), "--dataset", str(salt_dir / "dataset"),
-                                                               "--out", str(out), "--allow-fail"],
-             out.parent / f"{out.name}.log", _env(salt))
+        cmd = _radsynth("evaluate", args, salt_dir, eval_sets) + ["--generator", str(generator), "--dataset", str(salt_dir / "dataset"),
+                                                                "--out", str(out), "--allow-fail"]
+        with _FIRST_EVAL_GUARD:
+            lock, warm = _FIRST_EVAL.setdefault(salt_dir, (threading.Lock(), [False]))
+        if warm[0]:
+            _run(cmd, out.parent / f"{out.name}.log", _env(salt))
+        else:
+            with lock:
+                _run(cmd, out.parent / f"{out.name}.log", _env(salt))
+                warm[0] = True
     if not metrics_json.is_file():
         return {"error": f"evaluate wrote no metrics (see {out.parent / (out.name + '.log')})"}
     result: dict = {"metrics": json.loads(metrics_json.read_text())}
@@ -140,13 +158,16 @@ def run_one(args: argparse.Namespace, salt: str, salt_dir: Path, recipe: str, se
     With ``--ema-probes`` the run also keeps G averages at those half-lives
     (``train.ema_probes``, which do not change training) and each is evaluated as its own
     row; every row of such a run, its own G_ema included, is labelled ``<recipe>@ema<h>``.
+    With ``--tag T`` (a variant: the recipe plus the ``--set`` overrides) runs and rows are
+    ``<recipe>+T`` instead, so a variant never reuses, or is refused as, the recipe's own runs.
     """
     probes = args.ema_probes
-    run_dir = run_dir_of(salt_dir, recipe, seed, probes)
+    label = label_of(recipe, args.tag)
+    run_dir = run_dir_of(salt_dir, label, seed, probes)
     sets = [f"train.recipe={recipe}", f"seed={seed}", "train.tracking=false", "train.progress=false"]
     sets += [f"train.threads={args.threads}"] if args.threads > 0 else []
     train_sets = [*sets, f"train.ema_probes=[{', '.join(f'{h:g}' for h in probes)}]"] if probes else sets
-    result = {"salt": salt, "recipe": recipe, "seed": seed, "dir": str(run_dir)}
+    result = {"salt": salt, "recipe": label, "seed": seed, "dir": str(run_dir)}
     train_json = run_dir / "train" / "train.json"
     if not (train_json.is_file() and json.loads(train_json.read_text()).get("complete")):
         t0 = time.time()
@@ -168,11 +189,11 @@ def run_one(args: argparse.Namespace, salt: str, salt_dir: Path, recipe: str, se
     if phase == "train":
         return [result]
     run_ema = float(saved["train"]["ema_kimg"])
-    main = {**result, "recipe": f"{recipe}@ema{run_ema:g}", "ema_kimg": run_ema} if probes else result
+    main = {**result, "recipe": f"{label}@ema{run_ema:g}", "ema_kimg": run_ema} if probes else result
     rows = [{**main, **evaluate_one(args, salt, salt_dir, sets, run_dir / "train" / "G_ema.safetensors", run_dir / "evaluate")}]
     for h in (h for h in probes if h != run_ema):     # a probe at the run's own half-life is its G_ema
         generator = Path(summary.get("ema_probes", {}).get(f"{h:g}", ema_probe_path(run_dir / "train", h)))
-        rows.append({**result, "recipe": f"{recipe}@ema{h:g}", "ema_kimg": h, "probe": True,
+        rows.append({**result, "recipe": f"{label}@ema{h:g}", "ema_kimg": h, "probe": True,
                      **evaluate_one(args, salt, salt_dir, sets, generator, run_dir / f"evaluate-h{h:g}")})
     return rows
 
@@ -265,6 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], help="extra --set for every step")
     ap.add_argument("--ema-probes", default="", help="comma-separated G_ema half-lives (kimg) each run also keeps and evaluates "
                                                          "(train.ema_probes; runs under ema-<recipe>-seed<S>)")
+    ap.add_argument("--tag", default="", help="a variant's name: runs under <recipe>+TAG-seed<S>, rows labelled <recipe>+TAG "
+                                              "(for a recipe changed by --set, kept apart from the recipe's own runs)")
     ap.add_argument("--wrap", default="", help="run every step under this command (e.g. /work/tools/heavy on a shared machine)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     args = ap.parse_args(argv)
@@ -274,6 +297,8 @@ def main(argv=None) -> int:
     salts = [s for s in args.salts.split(",") if s]
     gate_salts = [s for s in args.gate_salts.split(",") if s]
     args.ema_probes = [float(h) for h in args.ema_probes.split(",") if h]
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}", args.tag):
+        raise SystemExit(f"--tag {args.tag!r}: use 1-40 letters, digits, '.', '_' or '-' (it names run folders)")
 
     prepared = {salt: prepare(args, salt) for salt in [*salts, *gate_salts]}
     jobs = [(salt, recipe, seed) for salt in salts for recipe in recipes for seed in seeds]
@@ -286,14 +311,16 @@ def main(argv=None) -> int:
             print(f"ERROR {r['salt']} {r['recipe']} seed {r['seed']}: {r['error']}")
     classes = json.loads((prepared[salts[0]] / "dataset" / "dataset.json").read_text())["classes"] if salts else []
     main_runs = [r for r in results if r["salt"] in salts]
-    gate_runs = [r for r in results if r["recipe"].split("@")[0] == recipes[0] and r["seed"] == seeds[0] and not r.get("probe")]
+    gate_runs = [r for r in results if r["recipe"].split("@")[0] == label_of(recipes[0], args.tag)
+                 and r["seed"] == seeds[0] and not r.get("probe")]
     agg = aggregate(main_runs, classes) if args.phase == "all" else {}
     if args.phase == "all":
         print_tables(agg, main_runs, gate_runs)
     else:
         for r in results:
             print(f"trained {r['salt']} {r['recipe']} seed {r['seed']}: {r.get('kimg')} kimg in {r.get('train_seconds')} s")
-    write_json(args.out, {"profile": args.profile, "recipes": recipes, "seeds": seeds, "salts": salts, "gate_salts": gate_salts,
+    write_json(args.out, {"profile": args.profile, "recipes": recipes, "tag": args.tag, "sets": args.set,
+                          "seeds": seeds, "salts": salts, "gate_salts": gate_salts,
                           "threads": args.threads, "ema_probes": args.ema_probes, "aggregate": agg, "runs": results,
                           "gate_over_salts": [{k: r.get(k) for k in ("salt", "gate_passed", "gate_failed", "gate_min_margin")}
                                               for r in gate_runs]})
