@@ -10,6 +10,12 @@ Generator: L_G = -E[D(G(z, c), c)]
 gradient along class-conditioned paths. The Wasserstein estimate logged during training is
 ``E[D(x, c)] - E[D(G(z, c), c)]``.
 
+Mode seeking (Mao et al., MSGAN, 2019), optional in G's loss: pairs of generated images of the
+same class from different z, ``L_ms = E[1 / (mean|G(z1, c) - G(z2, c)| / mean|z1 - z2| + eps)]``,
+weighted by ``train.mode_seeking``. It rewards G for images that move with z inside a class,
+which the unconditional minibatch stddev of the critic does not see (a G that draws one image
+per class still looks diverse across a mixed-class group).
+
 Lazy regularisation (StyleGAN2): with ``gp_interval = k`` the penalty is computed on every
 k-th critic step only and weighted ``k * lambda``, so its average pull is unchanged at about
 1/k of its cost (the penalty's double backward is about half a critic step).
@@ -75,6 +81,23 @@ def critic_loss(
 def generator_loss(D: nn.Module, fake: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``-E[D(G(z, c), c)]``."""
     return -D(fake, c).float().mean()
+
+
+def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, pairs: int, eps: float = 1e-5) -> torch.Tensor:
+    """MSGAN's term on the first ``2 * pairs`` samples: sample ``i`` and ``i + pairs`` share a class.
+
+    Args:
+        fake: [N, C, R, R] generated images (with grad), N >= 2 * pairs.
+        z: [N, z_dim] their latents.
+        pairs: number of pairs (>= 1).
+
+    Returns:
+        Scalar ``mean_i 1 / (mean|fake_i - fake_{i+P}| / mean|z_i - z_{i+P}| + eps)``.
+    """
+    a, b = fake[:pairs].float(), fake[pairs:2 * pairs].float()
+    d_img = (a - b).abs().flatten(1).mean(1)                           # [P]
+    d_z = (z[:pairs] - z[pairs:2 * pairs]).abs().mean(1)               # [P]
+    return (1.0 / (d_img / d_z + eps)).mean()
 
 
 class LossStats:

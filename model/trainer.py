@@ -8,7 +8,7 @@ One iteration: ``n_critic`` critic steps, then one G step. Each critic step draw
 of real images and class labels (at data frequency, or uniformly over classes with
 ``balanced_classes``), the same classes for the fakes, and minimises the WGAN-GP loss
 (:mod:`model.losses`; the penalty on every ``gp_interval``-th critic step only, weighted by
-the interval). D sees real and fake images through the same differentiable augmentation
+the interval). G minimises ``-D(G(z, c), c)``, plus ``mode_seeking`` x MSGAN's term when set. D sees real and fake images through the same differentiable augmentation
 (:mod:`model.augment`, probability ``augment_p`` or adaptive towards ``augment_target``).
 After the G step, ``G_ema`` moves towards G with a half-life of ``ema_kimg``. Each half-life in
 ``ema_probes`` keeps one more such average on rank 0 (checkpointed, saved beside G_ema under
@@ -66,7 +66,7 @@ from model.distributed import (
     setup_distributed,
 )
 from model.layers import upsample2x
-from model.losses import LossStats, critic_loss, generator_loss
+from model.losses import LossStats, critic_loss, generator_loss, mode_seeking_loss
 from model.registry import build_networks, get_variant
 from model.sampling import class_grid
 from model.schedule import Stage, TrainingError, build_schedule, ema_beta, every
@@ -266,15 +266,21 @@ class Trainer:
                 self.stats.add(**{GRADIENT_PENALTY: parts["gp"]})
             if self.ada is not None:
                 self.ada.accumulate(parts["d_real"])
-        # generator step (classes drawn like the critic's: data frequency, or uniform when balanced)
+        # generator step (classes drawn like the critic's: data frequency, or uniform when balanced;
+        # with mode seeking, sample i + n // 2 takes sample i's class: same-class pairs)
         self.G.requires_grad_(True)
         self.D.requires_grad_(False)
         idx, z, _ = self._draw(n)
+        pairs = n // 2 if cfg.mode_seeking > 0 else 0
+        if pairs:
+            idx = torch.cat([idx[:pairs], idx[:pairs], idx[2 * pairs:]])
         c = self.labels[idx]
         with self._autocast():
-            loss_g = generator_loss(self.D, self._augment(self.G(z, c)), c)
+            fake = self.G(z, c)
+            loss_g = generator_loss(self.D, self._augment(fake), c)
+            total_g = loss_g + cfg.mode_seeking * mode_seeking_loss(fake, z, pairs) if pairs else loss_g
         self.opt_G.zero_grad(set_to_none=True)
-        loss_g.backward()
+        total_g.backward()
         allreduce_mean([p.grad for p in self.G.parameters() if p.grad is not None], self.dist.world)
         self.opt_G.step()
         allreduce_mean([b for b in self.G.buffers() if b.is_floating_point()], self.dist.world)

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from model.losses import critic_loss, generator_loss, gradient_penalty
+from model.losses import critic_loss, generator_loss, gradient_penalty, mode_seeking_loss
 from model.registry import build_networks
 from tests.model.conftest import tiny_model_config
 
@@ -57,3 +57,22 @@ def test_critic_and_generator_loss_values():
     torch.testing.assert_close(loss, torch.tensor(-1.5 + 10.0 + 1e-3))
     torch.testing.assert_close(stats["wasserstein"], torch.tensor(1.5))
     torch.testing.assert_close(generator_loss(D, fake, c), torch.tensor(0.5))
+
+
+def test_mode_seeking_loss_is_the_msgan_ratio_of_each_same_class_pair_and_pushes_pairs_apart():
+    fake = torch.zeros(5, 1, 2, 2)
+    fake[2] = 0.5                        # pair (0, 2): mean |image diff| 0.5
+    fake[3] = 1.0                        # pair (1, 3): 1.0; sample 4 is unpaired and ignored
+    fake[4] = 100.0
+    z = torch.zeros(5, 3)
+    z[2] = 2.0                           # mean |z diff| 2 and 1
+    z[3] = 1.0
+    value = mode_seeking_loss(fake, z, pairs=2, eps=0.0)
+    torch.testing.assert_close(value, torch.tensor((1 / (0.5 / 2) + 1 / (1.0 / 1)) / 2))   # (4 + 1) / 2
+    leaf = (torch.rand(6, 1, 4, 4) * 0.1).requires_grad_(True)
+    zz = torch.randn(6, 3)
+    before = (leaf[:3] - leaf[3:]).abs().mean().item()
+    mode_seeking_loss(leaf, zz, pairs=3).backward()
+    with torch.no_grad():
+        leaf -= 1e-3 * leaf.grad
+    assert (leaf[:3] - leaf[3:]).abs().mean().item() > before   # descending the term separates the pairs

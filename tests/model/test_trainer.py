@@ -304,3 +304,33 @@ def test_ema_probes_are_the_averages_other_half_lives_give_and_survive_a_resume(
     assert (s - g).abs().sum() < (e - g).abs().sum()                         # a shorter half-life stays nearer G
     with pytest.raises(TrainingError, match="ema_probes"):
         train(tiny(root, **{"train.ema_probes": [1.0, 1.0]}), dataset.root, tmp_path / "bad")
+
+
+@pytest.mark.parametrize("weight", [0.0, 2.0])
+def test_mode_seeking_pairs_the_g_batch_by_class_and_adds_its_term_only_when_set(root, dataset, tmp_path, weight, monkeypatch):
+    import model.trainer as trainer_mod
+
+    tr = trainer_mod.Trainer(tiny(root, **{"train.mode_seeking": weight}), dataset, tmp_path)
+    seen, terms = [], []
+    forward, term = tr.G.forward, trainer_mod.mode_seeking_loss
+
+    def spy(z, c):
+        if torch.is_grad_enabled():          # the G step's call (the critic's fakes are drawn without grad)
+            seen.append(c)
+        return forward(z, c)
+
+    def spy_term(fake, z, pairs):
+        terms.append(pairs)
+        return term(fake, z, pairs)
+
+    tr.G.forward = spy
+    monkeypatch.setattr(trainer_mod, "mode_seeking_loss", spy_term)
+    st = tr.schedule[0]
+    tr._iteration(st, 1.0)
+    (c,) = seen
+    h = st.batch // 2
+    if weight:
+        assert torch.equal(c[:h], c[h:2 * h]) and terms == [h]    # same-class pairs, one term over all of them
+    else:
+        assert terms == []                                         # off: G's loss and draws as before
+    assert all(torch.isfinite(p).all() for p in tr.G.parameters())
