@@ -138,8 +138,21 @@ def test_warmup_ran_when_the_models_loaded(triton):
     assert triton.ready_statistics == {"inference_count": instances * (1 + 16), "execution_count": instances * 2}
 
 
+def settled_statistics(client, pause_s: float = 0.1, reads: int = 50) -> dict:
+    """Triton's counters once two reads agree: a request is counted just after its answer
+    is sent, so a read right after another test's last call can miss that call's images."""
+    last = client.statistics()
+    for _ in range(reads):
+        time.sleep(pause_s)
+        now = client.statistics()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def test_64_concurrent_single_image_requests_are_batched(client):
-    before = client.statistics()
+    before = settled_statistics(client)
     start = threading.Barrier(64)
     z = z_from_seed(123, 64, client.info.z_dim)                                 # [64, z_dim]
     labels = np.arange(64) % len(CLASSES)
@@ -150,7 +163,7 @@ def test_64_concurrent_single_image_requests_are_batched(client):
 
     with ThreadPoolExecutor(64) as pool:
         results = list(pool.map(one, range(64)))
-    after = client.statistics()
+    after = settled_statistics(client)
     images = np.concatenate(results)
     expected = np.concatenate([client.infer(z[i:i + 16], labels[i:i + 16]) for i in range(0, 64, 16)])
     np.testing.assert_allclose(images, expected, atol=ATOL)                     # each answer is its own request's
