@@ -8,7 +8,8 @@ One iteration: ``n_critic`` critic steps, then one G step. Each critic step draw
 of real images and class labels (at data frequency, or uniformly over classes with
 ``balanced_classes``), the same classes for the fakes, and minimises the WGAN-GP loss
 (:mod:`model.losses`; the penalty on every ``gp_interval``-th critic step only, weighted by
-the interval). G minimises ``-D(G(z, c), c)``, plus ``mode_seeking`` x MSGAN's term when set. D sees real and fake images through the same differentiable augmentation
+the interval). G minimises ``-D(G(z, c), c)``, plus ``mode_seeking`` x MSGAN's term when set.
+D sees real and fake images through the same differentiable augmentation
 (:mod:`model.augment`, probability ``augment_p`` or adaptive towards ``augment_target``).
 After the G step, ``G_ema`` moves towards G with a half-life of ``ema_kimg``. Each half-life in
 ``ema_probes`` keeps one more such average on rank 0 (checkpointed, saved beside G_ema under
