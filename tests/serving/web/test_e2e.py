@@ -135,7 +135,9 @@ def test_upload_generate_inspect_download_in_a_real_browser(stack, browser):
     card = page.inner_text("#model-card")
     assert "Research use only" in card and "Evaluation gate" in card and "Viral pneumonia" in card
     grid = page.locator("#model-card img")
-    assert page.evaluate("img => img.complete && img.naturalWidth > 16 * 8", grid.element_handle())
+    # the card's text is there before its grid image has loaded: wait for the load, then check it
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=grid.element_handle(), timeout=15000)
+    assert page.evaluate("img => img.naturalWidth > 16 * 8", grid.element_handle())
     page.screenshot(path=str(ARTIFACTS / "web_model_card.png"), full_page=True)
 
     # a bad file: a clear message on the form and a 4xx, nothing generated
