@@ -55,7 +55,8 @@ BIN = Path(sys.executable).parent
 WRAP: list[str] = []     # --wrap: a command each step runs under (e.g. a shared-CPU lock)
 # Per salt: the first evaluation trains the judge and the calibration sets into the salt's cache;
 # with --jobs > 1 the others wait for it, rather than train the same judge side by side.
-_FIRST_EVAL: dict[Path, tuple[threading.Lock, list[bool]]] = {}
+_FIRST_EVAL: dict[Path, threading.Lock] = {}
+_WARM: set[Path] = set()            # salts whose cache one evaluation has filled
 _FIRST_EVAL_GUARD = threading.Lock()
 
 
@@ -116,13 +117,13 @@ def evaluate_one(args: argparse.Namespace, salt: str, salt_dir: Path, sets: list
         cmd = _radsynth("evaluate", args, salt_dir, eval_sets) + ["--generator", str(generator), "--dataset", str(salt_dir / "dataset"),
                                                                 "--out", str(out), "--allow-fail"]
         with _FIRST_EVAL_GUARD:
-            lock, warm = _FIRST_EVAL.setdefault(salt_dir, (threading.Lock(), [False]))
-        if warm[0]:
+            lock = _FIRST_EVAL.setdefault(salt_dir, threading.Lock())
+        if salt_dir in _WARM:
             _run(cmd, out.parent / f"{out.name}.log", _env(salt))
         else:
             with lock:
                 _run(cmd, out.parent / f"{out.name}.log", _env(salt))
-                warm[0] = True
+                _WARM.add(salt_dir)
     if not metrics_json.is_file():
         return {"error": f"evaluate wrote no metrics (see {out.parent / (out.name + '.log')})"}
     result: dict = {"metrics": json.loads(metrics_json.read_text())}
