@@ -87,7 +87,8 @@ def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
 # Values of model keys added after the first checkpoints were written: a checkpoint that lacks
 # one was built with the old behaviour, whatever today's default is.
 LEGACY_MODEL_VALUES: dict[str, Any] = {"fade_after_output": False, "separate_label_norm": False,
-                                       "d_embed_equalized": False, "light_resolutions": ()}
+                                       "d_embed_equalized": False, "light_resolutions": (),
+                                       "class_modulation": False}
 
 
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:

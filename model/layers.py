@@ -68,6 +68,28 @@ class EqualizedEmbedding(nn.Module):
         return F.embedding(c, self.weight) * self.scale
 
 
+class ClassModulation(nn.Module):
+    """Class-conditional per-channel gain and bias: ``x * (1 + gain[c]) + bias[c]``.
+
+    Both tables start at zero, so a freshly built layer is the identity and the network
+    starts as it would without it. They are plain parameters, like the convolutions'
+    biases (Adam moves them by about ``lr`` a step). Conditional batch norm's affine part
+    (de Vries et al. 2017; BigGAN) without the normalisation: it gives every layer of G
+    the condition, not only its input.
+    """
+
+    def __init__(self, num_classes: int, channels: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.zeros(num_classes, channels))
+        self.bias = nn.Parameter(torch.zeros(num_classes, channels))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Args: x [N, C, H, W], c [N] int64. Returns [N, C, H, W]."""
+        gain = F.embedding(c, self.gain)[:, :, None, None]     # [N, C, 1, 1]
+        bias = F.embedding(c, self.bias)[:, :, None, None]     # [N, C, 1, 1]
+        return x * (1.0 + gain) + bias
+
+
 class PixelNorm(nn.Module):
     """Normalise each pixel's feature vector to unit average square (PG-GAN)."""
 

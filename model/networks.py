@@ -18,7 +18,9 @@ G's input is ``[pixelnorm(z), pixelnorm(embed(c))]`` (``model.separate_label_nor
 normalises the joined vector, where z outweighs a short embedding). Blocks at
 ``model.light_resolutions`` have one 3x3 convolution instead of two (the full-resolution
 blocks dominate the cost). The critic's class embedding is equalised like its other layers
-(``model.d_embed_equalized``).
+(``model.d_embed_equalized``). With ``model.class_modulation`` every convolution of G is
+followed by a class-dependent per-channel gain and bias (``ClassModulation``, zero at the
+start), so each resolution's layers see the condition directly.
 
 ``set_stage(resolution, alpha)`` selects the stage; a trained G is at
 ``(img_resolution, 1.0)``.
@@ -33,6 +35,7 @@ from torch import nn
 
 from model.layers import (
     LRELU_GAIN,
+    ClassModulation,
     EqualizedConv2d,
     EqualizedEmbedding,
     EqualizedLinear,
@@ -105,6 +108,7 @@ class ProgressiveGenerator(_Stageful):
         fade_after_output: bool = True,             # blend the two stages' images after the output map
         separate_label_norm: bool = True,           # normalise z and embed(c) each on its own
         light_resolutions: tuple[int, ...] = (),    # one 3x3 conv (not two) in these blocks
+        class_modulation: bool = False,             # class-dependent gain and bias after every conv
     ):
         super().__init__()
         self._init_generator(z_dim, num_classes, img_resolution, img_channels, output)
@@ -132,12 +136,20 @@ class ProgressiveGenerator(_Stageful):
             if res in attention_resolutions:
                 self.attention[str(res)] = SelfAttention(nf(res), equalized=eq)
             self.to_rgb[str(res)] = EqualizedConv2d(nf(res), img_channels, 1, gain=1.0, equalized=eq)
+        # zero-initialised (no draws from the RNG), so the other weights are the same either way
+        self.modulation = nn.ModuleDict({
+            str(res): nn.ModuleList([ClassModulation(num_classes, conv.weight.shape[0]) for conv in self.blocks[str(res)]])
+            for res in self.resolutions
+        }) if class_modulation else None
 
-    def _block(self, res: int, x: torch.Tensor) -> torch.Tensor:
+    def _block(self, res: int, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if res > 4:
             x = upsample2x(x)
-        for conv in self.blocks[str(res)]:
-            x = self.norm(lrelu(conv(x)))
+        for i, conv in enumerate(self.blocks[str(res)]):
+            h = conv(x)
+            if self.modulation is not None:
+                h = self.modulation[str(res)][i](h, c)
+            x = self.norm(lrelu(h))
         if str(res) in self.attention:
             x = self.attention[str(res)](x)
         return x
@@ -155,7 +167,7 @@ class ProgressiveGenerator(_Stageful):
             if r > res:
                 break
             prev = x
-            x = self._block(r, x)                                        # [N, C_r, r, r]
+            x = self._block(r, x, c)                                     # [N, C_r, r, r]
         out = self.to_rgb[str(res)](x)                                   # [N, C, R, R]
         if res == 4 or alpha >= 1.0:
             return to_output_range(out, self.output)

@@ -38,7 +38,8 @@ def _build_pgcgan_sa(cfg: ModelConfig, num_classes: int, img_channels: int, img_
         z_dim=cfg.z_dim, num_classes=num_classes, img_resolution=img_resolution, img_channels=img_channels,
         label_dim=cfg.label_dim, attention_resolutions=cfg.attention_resolutions, equalized_lr=cfg.equalized_lr,
         pixel_norm=cfg.pixel_norm, output=cfg.output, fade_after_output=cfg.fade_after_output,
-        separate_label_norm=cfg.separate_label_norm, light_resolutions=cfg.light_resolutions, **fmaps,
+        separate_label_norm=cfg.separate_label_norm, light_resolutions=cfg.light_resolutions,
+        class_modulation=cfg.class_modulation, **fmaps,
     )
     D = ProgressiveDiscriminator(
         num_classes=num_classes, img_resolution=img_resolution, img_channels=img_channels,

@@ -99,6 +99,7 @@ class ModelConfig:
     separate_label_norm: bool = True           # pgcgan-sa G pixel-normalises z and the class embedding separately
     d_embed_equalized: bool = True             # pgcgan-sa D projection embedding with equalised learning rate
     light_resolutions: tuple[int, ...] = ()    # pgcgan-sa G/D blocks with one 3x3 conv instead of two at these resolutions
+    class_modulation: bool = False             # pgcgan-sa G: class-dependent per-channel gain and bias after every conv
     dcgan_conditioning: str = "projection"     # dcgan D: projection | concat (label map on input)
 
 

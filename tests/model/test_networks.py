@@ -199,3 +199,31 @@ def test_light_resolutions_use_one_conv_and_keep_shapes_and_identities():
     G.set_stage(16, 1.0)
     x = G(z, c)
     assert x.shape == (N, 1, 16, 16) and D(x, c).shape == (N,)
+
+
+def test_class_modulation_starts_as_the_plain_generator_and_conditions_every_layer():
+    plain, _ = build_networks(tiny_model_config(), CLASSES, 1, 16, seed=8)
+    G, _ = build_networks(tiny_model_config(class_modulation=True), CLASSES, 1, 16, seed=8)
+    # zero tables, no RNG draws: the same weights and the same images at the start
+    extra = {k for k in G.state_dict()} - {k for k in plain.state_dict()}
+    assert extra and all(k.startswith("modulation.") for k in extra)
+    assert all(torch.equal(v, G.state_dict()[k]) for k, v in plain.state_dict().items())
+    z, c = inputs()
+    assert torch.equal(G(z, c), plain(z, c))
+    # one table per conv, sized by that conv's output channels
+    assert [len(G.modulation[str(r)]) for r in (4, 8, 16)] == [len(G.blocks[str(r)]) for r in (4, 8, 16)]
+    assert G.modulation["16"][1].gain.shape == (CLASSES, G.blocks["16"][1].weight.shape[0])
+    # a bias for class 2 at the last 16x16 conv changes class-2 images only, and at every stage of 16
+    with torch.no_grad():
+        G.modulation["16"][1].bias[2] = 1.0
+    out = G(z, c)
+    changed = (out - plain(z, c)).abs().flatten(1).amax(dim=1)
+    assert changed[2] > 1e-3 and torch.equal(changed[[0, 1, 3]], torch.zeros(3))
+    G.set_stage(8, 1.0)
+    plain.set_stage(8, 1.0)
+    assert torch.equal(G(z, c), plain(z, c))       # the 16x16 tables do not reach the 8x8 stage
+    # it learns: the tables get gradients
+    G.set_stage(16, 1.0)
+    G(z, torch.tensor([0, 1, 1, 0])).sum().backward()
+    grad = G.modulation["8"][0].gain.grad
+    assert grad[:2].abs().sum() > 0 and torch.equal(grad[2], torch.zeros_like(grad[2]))   # class 2 absent
