@@ -205,7 +205,7 @@ def test_class_modulation_starts_as_the_plain_generator_and_conditions_every_lay
     plain, _ = build_networks(tiny_model_config(), CLASSES, 1, 16, seed=8)
     G, _ = build_networks(tiny_model_config(class_modulation=True), CLASSES, 1, 16, seed=8)
     # zero tables, no RNG draws: the same weights and the same images at the start
-    extra = {k for k in G.state_dict()} - {k for k in plain.state_dict()}
+    extra = set(G.state_dict()) - set(plain.state_dict())
     assert extra and all(k.startswith("modulation.") for k in extra)
     assert all(torch.equal(v, G.state_dict()[k]) for k, v in plain.state_dict().items())
     z, c = inputs()
@@ -213,7 +213,7 @@ def test_class_modulation_starts_as_the_plain_generator_and_conditions_every_lay
     # one table per conv, sized by that conv's output channels
     assert [len(G.modulation[str(r)]) for r in (4, 8, 16)] == [len(G.blocks[str(r)]) for r in (4, 8, 16)]
     assert G.modulation["16"][1].gain.shape == (CLASSES, G.blocks["16"][1].weight.shape[0])
-    # a bias for class 2 at the last 16x16 conv changes class-2 images only, and at every stage of 16
+    # a bias for class 2 at the last 16x16 conv changes class-2 images only
     with torch.no_grad():
         G.modulation["16"][1].bias[2] = 1.0
     out = G(z, c)
