@@ -141,18 +141,12 @@ def stale_keys(args: argparse.Namespace, salt_dir: Path, saved: dict, train_sets
     params.yaml) differs from what its recipe gives now (a reused run must be the recipe's
     run, not an older one's). A key the saved params lack (added to the code later) counts
     at its default, which is what the run was trained with."""
-    from model.trainer import arithmetic
-    from radsynth.config import Params, load_params, parse_override
+    from model.trainer import changed_keys
+    from radsynth.config import load_params, parse_override
 
     overrides = dict(parse_override(s) for s in [f"paths.artifacts={salt_dir}", *args.set, *train_sets])
-    now = arithmetic(load_params(ROOT / "params.yaml", profile=args.profile, overrides=overrides).to_dict(), ignore)
-    then = arithmetic(saved, ignore)
-    default = arithmetic(Params().to_dict(), ignore)     # a key added since the run was trained: its default then
-    keys = [k for k in ("seed",) if now[k] != then[k]]
-    for section in ("model", "train"):
-        keys += [f"{section}.{k}" for k in sorted(set(now[section]) | set(then[section]))
-                 if now[section].get(k) != then[section].get(k, default[section].get(k))]
-    return keys
+    now = load_params(ROOT / "params.yaml", profile=args.profile, overrides=overrides).to_dict()
+    return changed_keys(now, saved, ignore)
 
 
 def run_one(args: argparse.Namespace, salt: str, salt_dir: Path, recipe: str, seed: int, phase: str) -> list[dict]:

@@ -84,13 +84,15 @@ LOSS_G = "train/loss_G"
 WASSERSTEIN = "train/wasserstein"
 GRADIENT_PENALTY = "train/gradient_penalty"
 DRIFT = "train/drift"
+MODE_SEEKING = "train/mode_seeking"   # MSGAN's term before its weight (NaN when train.mode_seeking is 0)
 AUGMENT_P = "train/augment_p"
 IMAGES_PER_S = "train/images_per_s"
 THREADS = "train/threads"
 ALPHA = "train/alpha"
 RESOLUTION = "train/resolution"
 KIMG = "kimg"
-HISTORY_COLUMNS = (KIMG, RESOLUTION, ALPHA, LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT, AUGMENT_P, IMAGES_PER_S, THREADS)
+HISTORY_COLUMNS = (KIMG, RESOLUTION, ALPHA, LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT, MODE_SEEKING, AUGMENT_P,
+                   IMAGES_PER_S, THREADS)
 HISTORY_TSV = "history.tsv"
 
 # Train keys that do not change the arithmetic (excluded from the resume compatibility check).
@@ -106,6 +108,23 @@ def arithmetic(resolved: dict[str, Any], ignore: frozenset[str] = frozenset()) -
     skip = _NON_MATH_KEYS | set(ignore)
     return {"seed": resolved.get("seed"), "model": resolved.get("model"),
             "train": {k: v for k, v in (resolved.get("train") or {}).items() if k not in skip}}
+
+
+def changed_keys(now: dict[str, Any], then: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
+    """The keys (``seed``, ``model.*``, ``train.*``) in whose arithmetic two resolved configs
+    differ. A key ``then`` lacks (added to the code after it was written) counts at its
+    default, which is what that run was trained with."""
+    from radsynth.config import Params
+
+    def plain(resolved: dict[str, Any]) -> dict[str, Any]:   # as JSON has it (a checkpoint's sidecar): str keys, lists
+        return json.loads(json.dumps(arithmetic(resolved, ignore), sort_keys=True, default=str))
+
+    a, b, default = plain(now), plain(then), plain(Params().to_dict())
+    keys = [k for k in ("seed",) if a[k] != b[k]]
+    for section in ("model", "train"):
+        keys += [f"{section}.{k}" for k in sorted(set(a[section] or {}) | set(b[section] or {}))
+                 if (a[section] or {}).get(k) != (b[section] or {}).get(k, default[section].get(k))]
+    return keys
 
 
 def ema_probe_path(out_dir: Path, half_life_kimg: float) -> Path:
@@ -279,13 +298,16 @@ class Trainer:
         with self._autocast():
             fake = self.G(z, c)
             loss_g = generator_loss(self.D, self._augment(fake), c)
-            total_g = loss_g + cfg.mode_seeking * mode_seeking_loss(fake, z, pairs) if pairs else loss_g
+            ms = mode_seeking_loss(fake, z, pairs) if pairs else None
+            total_g = loss_g + cfg.mode_seeking * ms if pairs else loss_g
         self.opt_G.zero_grad(set_to_none=True)
         total_g.backward()
         allreduce_mean([p.grad for p in self.G.parameters() if p.grad is not None], self.dist.world)
         self.opt_G.step()
         allreduce_mean([b for b in self.G.buffers() if b.is_floating_point()], self.dist.world)
-        self.stats.add(**{LOSS_G: loss_g})
+        self.stats.add(**{LOSS_G: loss_g})    # the adversarial part alone; the mode-seeking term is its own column
+        if ms is not None:
+            self.stats.add(**{MODE_SEEKING: ms})
         self.g_steps += 1
         self._update_ema(stage)
         if self.ada is not None and (self.it + 1) % cfg.augment_interval == 0:
@@ -344,8 +366,14 @@ class Trainer:
         except CheckpointError as exc:
             raise TrainingError(f"cannot resume: {exc}") from None
         if info.get("config_digest") != self.digest:
-            raise TrainingError(f"{path} was written with a different model/train config, seed or class list; "
-                                f"train into a fresh out_dir or pass resume=False (--no-resume) for this stage")
+            # an older checkpoint may lack keys added since; it resumes when those are at their defaults
+            saved = info.get("params") if isinstance(info.get("params"), dict) else None
+            changed = (["<saved params missing>"] if saved is None else changed_keys(self.params.to_dict(), saved))
+            if info.get("classes") != self.classes:
+                changed.append("classes")
+            if changed:
+                raise TrainingError(f"{path} was written with a different config ({', '.join(changed)}); train into a "
+                                    f"fresh out_dir or pass resume=False (--no-resume) for this stage")
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
         self.G_ema.load_state_dict(state["G_ema"])
@@ -402,7 +430,7 @@ class Trainer:
         means = self.stats.means()     # rank 0's running means (gradients are averaged)
         self.stats.reset()
         row = {KIMG: round(self.kimg, 4), RESOLUTION: float(st.resolution), ALPHA: alpha,
-               **{k: means.get(k, float("nan")) for k in (LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT)},
+               **{k: means.get(k, float("nan")) for k in (LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT, MODE_SEEKING)},
                AUGMENT_P: float(self.augment_p) if self.cfg.augment else 0.0,
                IMAGES_PER_S: images / max(seconds, 1e-9), THREADS: float(torch.get_num_threads())}
         if not all_finite([row[LOSS_D], row[LOSS_G]], self.dist):
@@ -490,7 +518,7 @@ def _tsv_value(v: float) -> str:
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> Path | None:
-    """Training curves (losses, Wasserstein estimate, gradient penalty vs kimg) as PNG."""
+    """Training curves (losses, Wasserstein estimate, gradient penalty and mode-seeking term vs kimg) as PNG."""
     if not history:
         return None
     import matplotlib
@@ -502,10 +530,12 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> Path | None:
 
     kimg = [h[KIMG] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for key, ax_i in ((LOSS_D, 0), (LOSS_G, 0), (WASSERSTEIN, 1), (GRADIENT_PENALTY, 2)):
-        axes[ax_i].plot(kimg, [h.get(key, float("nan")) for h in history], label=key.split("/")[-1])
+    for key, ax_i in ((LOSS_D, 0), (LOSS_G, 0), (WASSERSTEIN, 1), (GRADIENT_PENALTY, 2), (MODE_SEEKING, 2)):
+        values = [h.get(key, float("nan")) for h in history]
+        if any(math.isfinite(v) for v in values):
+            axes[ax_i].plot(kimg, values, label=key.split("/")[-1])
     changes = [history[i][KIMG] for i in range(1, len(history)) if history[i][RESOLUTION] != history[i - 1][RESOLUTION]]
-    for ax, title in zip(axes, ("losses", "Wasserstein estimate", "gradient penalty")):
+    for ax, title in zip(axes, ("losses", "Wasserstein estimate", "regularisers")):
         for x in changes:
             ax.axvline(x, color="grey", lw=0.6, ls=":")
         ax.set_title(title)

@@ -1,5 +1,6 @@
 """Trainer: schedule, resume equivalence, stage-wise invocation, the baseline variant."""
 
+import json
 import os
 import signal
 import subprocess
@@ -168,10 +169,28 @@ def test_stagewise_invocations_equal_one_call_and_need_the_previous_stage(root, 
     again = train(params, dataset.root, tmp_path / "whole")                     # finished: nothing retrained
     assert [s.get("skipped") for s in again["stages"]] == ["already complete"] * 2
     assert again["rank_G_ema_sha256"] == whole["rank_G_ema_sha256"]
-    with pytest.raises(TrainingError, match="different model/train config"):
+    with pytest.raises(TrainingError, match=r"different config \(train\.lr_g\)"):
         train(tiny(root, **{"train.lr_g": 3e-4}), dataset.root, tmp_path / "whole")
     with pytest.raises(TrainingError, match="not in this run's schedule"):
         train(params, dataset.root, tmp_path / "whole", stage=32)
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_when_that_key_is_at_its_default(root, dataset, tmp_path):
+    """Older code hashed fewer keys: its digest differs, and its saved params lack the new key.
+    Resume compares the keys themselves, reading a missing one at its default."""
+    params = tiny(root)
+    out = tmp_path / "old"
+    train(params, dataset.root, out, stage=8)
+    sidecar = out / "stage_8" / "checkpoint.json"
+    doc = json.loads(sidecar.read_text())
+    del doc["info"]["params"]["model"]["class_modulation"]             # as a checkpoint written before the option
+    doc["info"]["config_digest"] = "0" * 16
+    sidecar.write_text(json.dumps(doc))
+    with pytest.raises(TrainingError, match=r"different config \(model\.class_modulation\)"):
+        train(tiny(root, **{"model.class_modulation": True}), dataset.root, out, stage=16)
+    resumed = train(params, dataset.root, out, stage=16)
+    assert resumed["complete"]
+    assert resumed["rank_G_ema_sha256"] == train(params, dataset.root, tmp_path / "whole")["rank_G_ema_sha256"]
 
 
 def test_switching_variant_trains_the_baseline_through_the_same_entry_point(root, dataset, tmp_path):
@@ -329,8 +348,12 @@ def test_mode_seeking_pairs_the_g_batch_by_class_and_adds_its_term_only_when_set
     tr._iteration(st, 1.0)
     (c,) = seen
     h = st.batch // 2
+    means = tr.stats.means()
     if weight:
         assert torch.equal(c[:h], c[h:2 * h]) and terms == [h]    # same-class pairs, one term over all of them
+        assert means[trainer_mod.MODE_SEEKING] > 0                # logged on its own, apart from loss_G
     else:
         assert terms == []                                         # off: G's loss and draws as before
+        assert trainer_mod.MODE_SEEKING not in means
+    assert trainer_mod.LOSS_G in means
     assert all(torch.isfinite(p).all() for p in tr.G.parameters())
