@@ -123,6 +123,9 @@ def check_recipe_values(cfg: TrainConfig) -> None:
         raise TrainingError(f"train.gp_interval must be >= 1 (1: penalty on every critic step), got {cfg.gp_interval}")
     if cfg.ema_kimg < 0 or cfg.ema_rampup < 0:
         raise TrainingError(f"train.ema_kimg and train.ema_rampup must be >= 0, got {cfg.ema_kimg}, {cfg.ema_rampup}")
+    if cfg.lr_rampdown_kimg < 0 or not 0.0 <= cfg.lr_rampdown_floor <= 1.0:
+        raise TrainingError(f"train.lr_rampdown_kimg must be >= 0 and train.lr_rampdown_floor in [0, 1], "
+                            f"got {cfg.lr_rampdown_kimg}, {cfg.lr_rampdown_floor}")
     if any(h < 0 for h in cfg.ema_probes) or len(set(cfg.ema_probes)) != len(cfg.ema_probes):
         raise TrainingError(f"train.ema_probes must be distinct half-lives >= 0 (kimg), got {list(cfg.ema_probes)}")
     if not (0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0):
@@ -154,6 +157,18 @@ def ema_beta(cfg: TrainConfig, images_per_iter: int, kimg_done: float) -> float:
     if nimg <= 0:
         return 0.0
     return 0.5 ** (images_per_iter / nimg)
+
+
+def lr_scale(cfg: TrainConfig, kimg_done: float, total_kimg: float) -> float:
+    """Learning-rate factor at ``kimg_done`` of a ``total_kimg`` schedule: 1, then over the last
+    ``lr_rampdown_kimg`` a half cosine down to ``lr_rampdown_floor`` at the end (0: no ramp-down).
+    The last iterate of a short high-lr run is a random point of its oscillation; lowering the
+    step at the end settles it, which a short G_ema half-life alone does not."""
+    if cfg.lr_rampdown_kimg <= 0:
+        return 1.0
+    start = total_kimg - cfg.lr_rampdown_kimg
+    t = min(max((kimg_done - start) / cfg.lr_rampdown_kimg, 0.0), 1.0)
+    return cfg.lr_rampdown_floor + (1.0 - cfg.lr_rampdown_floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def every(interval_kimg: float, images_per_iter: int) -> int:

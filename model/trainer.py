@@ -70,7 +70,7 @@ from model.layers import upsample2x
 from model.losses import LossStats, critic_loss, generator_loss, mode_seeking_loss
 from model.registry import build_networks, get_variant
 from model.sampling import class_grid
-from model.schedule import Stage, TrainingError, build_schedule, ema_beta, every
+from model.schedule import Stage, TrainingError, build_schedule, ema_beta, every, lr_scale
 from radsynth.config import Params
 from radsynth.dataset import Dataset
 from radsynth.grid import save_grid_png
@@ -86,13 +86,14 @@ GRADIENT_PENALTY = "train/gradient_penalty"
 DRIFT = "train/drift"
 MODE_SEEKING = "train/mode_seeking"   # MSGAN's term before its weight (NaN when train.mode_seeking is 0)
 AUGMENT_P = "train/augment_p"
+LR_SCALE = "train/lr_scale"          # factor on lr_g and lr_d (train.lr_rampdown_kimg)
 IMAGES_PER_S = "train/images_per_s"
 THREADS = "train/threads"
 ALPHA = "train/alpha"
 RESOLUTION = "train/resolution"
 KIMG = "kimg"
 HISTORY_COLUMNS = (KIMG, RESOLUTION, ALPHA, LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT, MODE_SEEKING, AUGMENT_P,
-                   IMAGES_PER_S, THREADS)
+                   LR_SCALE, IMAGES_PER_S, THREADS)
 HISTORY_TSV = "history.tsv"
 
 # Train keys that do not change the arithmetic (excluded from the resume compatibility check).
@@ -175,6 +176,7 @@ class Trainer:
         for st in self.schedule:
             if st.batch % self.dist.world:
                 raise TrainingError(f"batch {st.batch} at {st.resolution} is not divisible by the {self.dist.world} DDP ranks")
+        self.total_kimg = sum(st.kimg for st in self.schedule)
         self.digest = config_digest(params, self.classes)
         self._load_data()
 
@@ -265,6 +267,7 @@ class Trainer:
         cfg, n = self.cfg, stage.batch // self.dist.world
         for net in (self.G, self.D, self.G_ema):
             net.set_stage(stage.resolution, alpha)
+        self._set_lr()
         # critic steps
         self.G.requires_grad_(False)
         self.D.requires_grad_(True)
@@ -312,6 +315,13 @@ class Trainer:
         self._update_ema(stage)
         if self.ada is not None and (self.it + 1) % cfg.augment_interval == 0:
             self.ada.adjust(allreduce_sum(self.ada.stats(), self.dist.world), cfg.augment_interval * stage.images_per_iter)
+
+    def _set_lr(self) -> None:
+        """Both optimisers at their lr x the ramp-down factor of this point of the schedule."""
+        scale = lr_scale(self.cfg, self.kimg, self.total_kimg)
+        for opt, base in ((self.opt_G, self.cfg.lr_g), (self.opt_D, self.cfg.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = base * scale
 
     @torch.no_grad()
     def _update_ema(self, stage: Stage) -> None:
@@ -432,6 +442,7 @@ class Trainer:
         row = {KIMG: round(self.kimg, 4), RESOLUTION: float(st.resolution), ALPHA: alpha,
                **{k: means.get(k, float("nan")) for k in (LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT, MODE_SEEKING)},
                AUGMENT_P: float(self.augment_p) if self.cfg.augment else 0.0,
+               LR_SCALE: lr_scale(self.cfg, self.kimg, self.total_kimg),
                IMAGES_PER_S: images / max(seconds, 1e-9), THREADS: float(torch.get_num_threads())}
         if not all_finite([row[LOSS_D], row[LOSS_G]], self.dist):
             raise TrainingError(f"training diverged at {self.kimg:.1f} kimg (loss_D {row[LOSS_D]}, loss_G {row[LOSS_G]} on rank "

@@ -118,6 +118,8 @@ class TrainConfig:
     kimg_per_resolution: dict[int, tuple[float, ...]] = dataclasses.field(default_factory=dict)  # {res: [fade, stabilize]} overrides
     lr_g: float = 1e-4                         # Adam learning rate of G
     lr_d: float = 1e-4                         # Adam learning rate of D
+    lr_rampdown_kimg: float = 0.0              # last kimg of the schedule over which both lrs fall (half cosine); 0: off
+    lr_rampdown_floor: float = 0.0             # lr factor at the end of the ramp-down
     beta1: float = 0.5                         # Adam beta1
     beta2: float = 0.9                         # Adam beta2
     n_critic: int = 5                          # D steps per G step

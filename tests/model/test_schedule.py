@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from model.schedule import build_schedule, ema_beta, stage_resolutions
+from model.schedule import TrainingError, build_schedule, check_recipe_values, ema_beta, lr_scale, stage_resolutions
 from radsynth.config import ConfigError, TrainConfig, load_params
 
 
@@ -31,6 +31,19 @@ def test_ema_half_life_is_in_kimg_of_progress_and_ramps_up():
     assert ema_beta(ramp, 80, 100.0) ** (5_000 / 80) == pytest.approx(0.5)    # early: 0.05 x 100 kimg = 5 kimg half-life
     assert ema_beta(ramp, 80, 1000.0) == pytest.approx(beta)                  # later: the configured 10 kimg
     assert ema_beta(TrainConfig(ema_kimg=0.0), 80, 5.0) == 0.0                # G_ema = G
+
+
+def test_lr_ramp_down_is_a_half_cosine_over_the_schedules_last_kimg():
+    off = TrainConfig()
+    assert lr_scale(off, 41.9, 42.0) == 1.0
+    cfg = TrainConfig(lr_rampdown_kimg=4.0, lr_rampdown_floor=0.1)
+    assert lr_scale(cfg, 10.0, 42.0) == 1.0 and lr_scale(cfg, 38.0, 42.0) == 1.0     # before the window
+    assert lr_scale(cfg, 40.0, 42.0) == pytest.approx(0.55)                           # half-way: (1 + floor) / 2
+    assert lr_scale(cfg, 39.0, 42.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_scale(cfg, 42.0, 42.0) == pytest.approx(0.1) and lr_scale(cfg, 50.0, 42.0) == pytest.approx(0.1)
+    for bad in ({"lr_rampdown_kimg": -1.0}, {"lr_rampdown_floor": 1.5}):
+        with pytest.raises(TrainingError, match="lr_rampdown"):
+            check_recipe_values(TrainConfig(**bad))
 
 
 def test_recipes_layer_between_base_and_profile_and_set_wins(root, tmp_path):

@@ -325,6 +325,30 @@ def test_ema_probes_are_the_averages_other_half_lives_give_and_survive_a_resume(
         train(tiny(root, **{"train.ema_probes": [1.0, 1.0]}), dataset.root, tmp_path / "bad")
 
 
+def test_lr_ramp_down_sets_both_optimisers_from_the_schedules_progress_and_is_logged(root, dataset, tmp_path):
+    import model.trainer as trainer_mod
+
+    params = tiny(root, **{"train.lr_rampdown_kimg": 0.6, "train.lr_rampdown_floor": 0.25})
+    seen = []
+
+    def record(tr):
+        seen.append((tr.kimg, tr.opt_G.param_groups[0]["lr"], tr.opt_D.param_groups[0]["lr"]))
+
+    trainer_mod.train_networks(params, dataset, tmp_path, on_iteration=record)
+    cfg = params.train
+    total = sum(st.kimg for st in trainer_mod.build_schedule(cfg, 16, True))
+    assert total > 0.6
+    early = [s for s in seen if s[0] < total - 0.6 - 0.05]
+    assert early and all(g == cfg.lr_g and d == cfg.lr_d for _, g, d in early)       # full lr before the window
+    kimg, g, d = seen[-1]
+    assert kimg > total - 0.1 and 0.25 * cfg.lr_g <= g < 0.3 * cfg.lr_g and d / cfg.lr_d == pytest.approx(g / cfg.lr_g)
+    assert all(a[1] >= b[1] for a, b in zip(seen, seen[1:]))                          # never rises
+    header, *rows = (tmp_path / trainer_mod.HISTORY_TSV).read_text().splitlines()
+    col = header.split("\t").index(trainer_mod.LR_SCALE)
+    scales = [float(r.split("\t")[col]) for r in rows]
+    assert scales[0] == 1.0 and 0.25 <= scales[-1] < 0.5
+
+
 @pytest.mark.parametrize("weight", [0.0, 2.0])
 def test_mode_seeking_pairs_the_g_batch_by_class_and_adds_its_term_only_when_set(root, dataset, tmp_path, weight, monkeypatch):
     import model.trainer as trainer_mod
