@@ -302,7 +302,7 @@ class Trainer:
             fake = self.G(z, c)
             loss_g = generator_loss(self.D, self._augment(fake), c)
             ms = mode_seeking_loss(fake, z, pairs) if pairs else None
-            total_g = loss_g + cfg.mode_seeking * ms if pairs else loss_g
+            total_g = loss_g if ms is None else loss_g + cfg.mode_seeking * ms
         self.opt_G.zero_grad(set_to_none=True)
         total_g.backward()
         allreduce_mean([p.grad for p in self.G.parameters() if p.grad is not None], self.dist.world)
