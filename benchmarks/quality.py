@@ -19,7 +19,9 @@ recall, TSTR and TRTR balanced accuracy, the gate verdict and its smallest relat
 count how often the gate passes. ``--ema-probes 0,0.5,1`` makes every run keep G averages at
 those half-lives too (``train.ema_probes``: training is unchanged) and evaluates each as a row
 ``<recipe>@ema<h>``, so the EMA half-life is chosen from the same runs, not from new ones.
-Prints tables; writes ``benchmarks/results/quality.json``.
+``--utility`` evaluates with the utility classifiers on (TSTR, TRTR; each run's
+``evaluate-utility/``), so finished runs gain TSTR without retraining or losing the
+evaluation they had. Prints tables; writes ``benchmarks/results/quality.json``.
 
     /work/tools/heavy .venv/bin/python benchmarks/quality.py --recipes cpu-pgcgan-sa,cpu-dcgan \\
         --seeds 1234,1,2 --salts quality-a,quality-b --gate-salts quality-salt-0003,quality-salt-0004,quality-salt-0005 --jobs 2
@@ -187,12 +189,22 @@ def run_one(args: argparse.Namespace, salt: str, salt_dir: Path, recipe: str, se
         return [result]
     run_ema = float(saved["train"]["ema_kimg"])
     main = {**result, "recipe": f"{label}@ema{run_ema:g}", "ema_kimg": run_ema} if probes else result
-    rows = [{**main, **evaluate_one(args, salt, salt_dir, sets, run_dir / "train" / "G_ema.safetensors", run_dir / "evaluate")}]
+    eval_sets, eval_name = evaluation_of(sets, args.utility)
+    rows = [{**main, **evaluate_one(args, salt, salt_dir, eval_sets, run_dir / "train" / "G_ema.safetensors", run_dir / eval_name)}]
     for h in (h for h in probes if h != run_ema):     # a probe at the run's own half-life is its G_ema
         generator = Path(summary.get("ema_probes", {}).get(f"{h:g}", ema_probe_path(run_dir / "train", h)))
         rows.append({**result, "recipe": f"{label}@ema{h:g}", "ema_kimg": h, "probe": True,
-                     **evaluate_one(args, salt, salt_dir, sets, generator, run_dir / f"evaluate-h{h:g}")})
+                     **evaluate_one(args, salt, salt_dir, eval_sets, generator, run_dir / f"{eval_name}-h{h:g}")})
     return rows
+
+
+def evaluation_of(sets: list[str], utility: bool) -> tuple[list[str], str]:
+    """The ``--set``s and folder name of a run's evaluation: ``evaluate``, or with the utility
+    classifiers on (the last ``--set`` wins over a global ``eval.utility.enabled=false``),
+    ``evaluate-utility``, so the two evaluations of one run never overwrite each other."""
+    if utility:
+        return [*sets, "eval.utility.enabled=true"], "evaluate-utility"
+    return list(sets), "evaluate"
 
 
 def relative_margin(check: dict) -> float | None:
@@ -285,6 +297,8 @@ def main(argv=None) -> int:
                                                          "(train.ema_probes; runs under ema-<recipe>-seed<S>)")
     ap.add_argument("--tag", default="", help="a variant's name: runs under <recipe>+TAG-seed<S>, rows labelled <recipe>+TAG "
                                               "(for a recipe changed by --set, kept apart from the recipe's own runs)")
+    ap.add_argument("--utility", action="store_true", help="evaluate with eval.utility.enabled=true (TSTR, TRTR, augmentation) "
+                    "into <run>/evaluate-utility, beside (not instead of) a run's evaluation without it")
     ap.add_argument("--wrap", default="", help="run every step under this command (e.g. /work/tools/heavy on a shared machine)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     args = ap.parse_args(argv)
@@ -316,7 +330,7 @@ def main(argv=None) -> int:
     else:
         for r in results:
             print(f"trained {r['salt']} {r['recipe']} seed {r['seed']}: {r.get('kimg')} kimg in {r.get('train_seconds')} s")
-    write_json(args.out, {"profile": args.profile, "recipes": recipes, "tag": args.tag, "sets": args.set,
+    write_json(args.out, {"profile": args.profile, "recipes": recipes, "tag": args.tag, "sets": args.set, "utility": args.utility,
                           "seeds": seeds, "salts": salts, "gate_salts": gate_salts,
                           "threads": args.threads, "ema_probes": args.ema_probes, "aggregate": agg, "runs": results,
                           "gate_over_salts": [{k: r.get(k) for k in ("salt", "gate_passed", "gate_failed", "gate_min_margin")}

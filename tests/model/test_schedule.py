@@ -93,3 +93,25 @@ def test_cpu_profile_trains_the_mission_model_on_every_core(root):
     assert p.model.variant == "pgcgan-sa" and p.train.threads == 0 and p.train.ranks == 2
     assert p.train.n_critic == 1 and (p.train.beta1, p.train.beta2) == (0.0, 0.99)
     assert math.isclose(p.train.lr_g, p.train.lr_d)
+
+
+def test_long_cpu_recipes_double_the_budget_and_train_what_the_quality_runs_trained(root):
+    """`cpu-pgcgan-sa-long` is `cpu-pgcgan-sa` at twice the kimg, nothing else (so the
+    `benchmarks/quality.py --tag x2` runs of docs/benchmarks.md are its runs); `cpu-dcgan-long`
+    is the baseline at twice its kimg."""
+    from model.trainer import arithmetic
+
+    def load(recipe, **extra):
+        return load_params(root / "params.yaml", profile="cpu", overrides={"train.recipe": recipe, **extra})
+
+    def total(p):
+        return sum(st.kimg for st in build_schedule(p.train, 64, p.model.variant == "pgcgan-sa"))
+
+    long, short = load("cpu-pgcgan-sa-long"), load("cpu-pgcgan-sa")
+    x2 = load("cpu-pgcgan-sa", **{"train.kimg_per_resolution": {4: [0, 16], 8: [8, 16], 16: [8, 12], 32: [6, 8], 64: [4, 6]}})
+    assert arithmetic(long.to_dict()) == arithmetic(x2.to_dict())
+    assert math.isclose(total(long), 84.0) and math.isclose(total(long), 2 * total(short), rel_tol=1e-3)
+    changed = {k for k, v in arithmetic(long.to_dict())["train"].items() if arithmetic(short.to_dict())["train"][k] != v}
+    assert changed == {"kimg_per_resolution"}
+    dl, ds = load("cpu-dcgan-long"), load("cpu-dcgan")
+    assert dl.model.variant == "dcgan" and math.isclose(total(dl), 84.0) and math.isclose(total(dl), 2 * total(ds), rel_tol=1e-3)
