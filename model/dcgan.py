@@ -102,8 +102,11 @@ class DCGANDiscriminator(_Fixed):
         if self.embed is not None:
             nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(c4))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Args: x [N, C, R, R] in [-1, 1], c [N] int64. Returns raw scores [N]."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, logits: bool = False):
+        """Args: x [N, C, R, R] in [-1, 1], c [N] int64. Returns raw scores [N]; with ``logits``
+        (projection conditioning only) also every class's projection term [N, K]."""
+        if logits and self.embed is None:
+            raise ValueError("class logits need the projection critic (model.dcgan_conditioning: projection)")
         if tuple(x.shape[-2:]) != (self.img_resolution, self.img_resolution):
             raise ValueError(f"dcgan D expects {self.img_resolution}x{self.img_resolution} inputs, got {tuple(x.shape)}")
         if self.label_map is not None:
@@ -113,6 +116,9 @@ class DCGANDiscriminator(_Fixed):
         h = self.body(h)                                                 # [N, C4, 4, 4]
         phi = nn.functional.leaky_relu(self.dense(h.flatten(1)), LRELU_SLOPE)  # [N, F]
         score = self.out(phi).squeeze(1)
+        if logits:
+            all_logits = phi @ self.embed.weight.t()                     # [N, K]
+            return score + all_logits.gather(1, c[:, None]).squeeze(1), all_logits
         if self.embed is not None:
             score = score + (self.embed(c) * phi).sum(dim=1)
         return score

@@ -16,6 +16,14 @@ weighted by ``train.mode_seeking``. It rewards G for images that move with z ins
 which the unconditional minibatch stddev of the critic does not see (a G that draws one image
 per class still looks diverse across a mixed-class group).
 
+Class cross-entropy on the projection logits, optional (``train.class_ce``): the projection
+critic's per-class terms ``<embed(k), phi(x)>`` are a classifier's logits (the class-free
+``w . phi(x)`` cancels in a softmax over k). D adds ``class_ce x CE(logits(x_real), c)`` and G
+``class_ce x CE(logits(G(z, c)), c)``, AC-GAN's two terms (Odena et al., 2017) without a second
+head. The WGAN projection term alone only rewards ``<embed(c), phi>`` for the asked class; the
+cross-entropy also penalises a sample that scores as another class, which is what a
+condition's leakage into its neighbours looks like.
+
 Lazy regularisation (StyleGAN2): with ``gp_interval = k`` the penalty is computed on every
 k-th critic step only and weighted ``k * lambda``, so its average pull is unchanged at about
 1/k of its cost (the penalty's double backward is about half a critic step).
@@ -24,6 +32,7 @@ k-th critic step only and weighted ``k * lambda``, so its average pull is unchan
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -55,22 +64,33 @@ def critic_loss(
     u: torch.Tensor,
     gp_weight: float,
     drift_epsilon: float,
+    class_ce: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The critic's WGAN-GP loss and its parts (detached) for logging.
 
     Args:
         gp_weight: weight of the gradient penalty on this step: ``gp_lambda``, or
             ``gp_interval * gp_lambda`` on a lazy step; 0 skips the penalty (not computed).
+        class_ce: weight of the reals' class cross-entropy on the projection logits (0: off).
 
     Returns:
         ``(loss, stats)``: stats ``wasserstein``, ``drift``, ``d_real`` (the scores, [N],
-        for adaptive augmentation) and, when the penalty was computed, ``gp``.
+        for adaptive augmentation), ``class_ce`` when weighted, and, when the penalty was
+        computed, ``gp``.
     """
-    d_real = D(real, c).float()                                          # [N]
+    if class_ce > 0:
+        d_real, logits = D(real, c, logits=True)
+        d_real = d_real.float()                                          # [N]
+        ce = F.cross_entropy(logits.float(), c)                          # the reals' class, from the projection logits
+    else:
+        d_real = D(real, c).float()                                      # [N]
     d_fake = D(fake, c).float()                                          # [N]
     drift = d_real.pow(2).mean()
     loss = d_fake.mean() - d_real.mean() + drift_epsilon * drift
     stats = {"wasserstein": (d_real.mean() - d_fake.mean()).detach(), "drift": drift.detach(), "d_real": d_real.detach()}
+    if class_ce > 0:
+        loss = loss + class_ce * ce
+        stats["class_ce"] = ce.detach()
     if gp_weight > 0:
         gp = gradient_penalty(D, real, fake, c, u)
         loss = loss + gp_weight * gp
@@ -81,6 +101,12 @@ def critic_loss(
 def generator_loss(D: nn.Module, fake: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``-E[D(G(z, c), c)]``."""
     return -D(fake, c).float().mean()
+
+
+def generator_class_losses(D: nn.Module, fake: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(-E[D(G(z, c), c)], CE(projection logits of G(z, c), c))`` from one pass of D."""
+    score, logits = D(fake, c, logits=True)
+    return -score.float().mean(), F.cross_entropy(logits.float(), c)
 
 
 def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, pairs: int, eps: float = 1e-5) -> torch.Tensor:

@@ -245,7 +245,13 @@ class ProgressiveDiscriminator(_Stageful):
         h = lrelu(self.final_conv(h))                                    # [N, C4, 4, 4]
         return lrelu(self.final_dense(h.flatten(1)))                     # [N, C4]
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Args: x [N, C, R, R] in [-1, 1], c [N] int64. Returns raw scores [N]."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, logits: bool = False):
+        """Args: x [N, C, R, R] in [-1, 1], c [N] int64. Returns raw scores [N]; with ``logits``
+        also the projection term of every class, ``<embed(k), phi(x)>`` [N, K] (a classifier's
+        logits: the class-independent ``w . phi(x)`` cancels in a softmax over classes)."""
         phi = self.features(x)                                           # [N, F]
-        return self.out(phi).squeeze(1) + (self.embed(c) * phi).sum(dim=1)
+        if not logits:
+            return self.out(phi).squeeze(1) + (self.embed(c) * phi).sum(dim=1)
+        all_logits = phi @ (self.embed.weight * self.embed.scale).t()    # [N, K]
+        score = self.out(phi).squeeze(1) + all_logits.gather(1, c[:, None]).squeeze(1)
+        return score, all_logits

@@ -119,6 +119,8 @@ def stage_resolutions(cfg: TrainConfig, img_resolution: int, variant: str) -> li
 
 def check_recipe_values(cfg: TrainConfig) -> None:
     """Range checks of the optimiser / regulariser / augmentation options (clear errors)."""
+    if cfg.class_ce < 0 or cfg.mode_seeking < 0:
+        raise TrainingError(f"train.class_ce and train.mode_seeking must be >= 0 (0: off), got {cfg.class_ce}, {cfg.mode_seeking}")
     if cfg.gp_interval < 1:
         raise TrainingError(f"train.gp_interval must be >= 1 (1: penalty on every critic step), got {cfg.gp_interval}")
     if cfg.ema_kimg < 0 or cfg.ema_rampup < 0:

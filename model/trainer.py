@@ -9,6 +9,7 @@ of real images and class labels (at data frequency, or uniformly over classes wi
 ``balanced_classes``), the same classes for the fakes, and minimises the WGAN-GP loss
 (:mod:`model.losses`; the penalty on every ``gp_interval``-th critic step only, weighted by
 the interval). G minimises ``-D(G(z, c), c)``, plus ``mode_seeking`` x MSGAN's term when set.
+With ``class_ce`` both add the class cross-entropy of the projection logits (D on reals, G on fakes).
 D sees real and fake images through the same differentiable augmentation
 (:mod:`model.augment`, probability ``augment_p`` or adaptive towards ``augment_target``).
 After the G step, ``G_ema`` moves towards G with a half-life of ``ema_kimg``. Each half-life in
@@ -67,7 +68,7 @@ from model.distributed import (
     setup_distributed,
 )
 from model.layers import upsample2x
-from model.losses import LossStats, critic_loss, generator_loss, mode_seeking_loss
+from model.losses import LossStats, critic_loss, generator_class_losses, generator_loss, mode_seeking_loss
 from model.registry import build_networks, get_variant
 from model.sampling import class_grid
 from model.schedule import Stage, TrainingError, build_schedule, ema_beta, every, lr_scale
@@ -85,6 +86,8 @@ WASSERSTEIN = "train/wasserstein"
 GRADIENT_PENALTY = "train/gradient_penalty"
 DRIFT = "train/drift"
 MODE_SEEKING = "train/mode_seeking"   # MSGAN's term before its weight (NaN when train.mode_seeking is 0)
+CLASS_CE_REAL = "train/class_ce_real"  # D's class cross-entropy on reals, before its weight (NaN when train.class_ce is 0)
+CLASS_CE_FAKE = "train/class_ce_fake"  # G's on its fakes
 AUGMENT_P = "train/augment_p"
 LR_SCALE = "train/lr_scale"          # factor on lr_g and lr_d (train.lr_rampdown_kimg)
 IMAGES_PER_S = "train/images_per_s"
@@ -92,7 +95,8 @@ THREADS = "train/threads"
 ALPHA = "train/alpha"
 RESOLUTION = "train/resolution"
 KIMG = "kimg"
-HISTORY_COLUMNS = (KIMG, RESOLUTION, ALPHA, LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT, MODE_SEEKING, AUGMENT_P,
+HISTORY_COLUMNS = (KIMG, RESOLUTION, ALPHA, LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT, MODE_SEEKING, CLASS_CE_REAL,
+                   CLASS_CE_FAKE, AUGMENT_P,
                    LR_SCALE, IMAGES_PER_S, THREADS)
 HISTORY_TSV = "history.tsv"
 
@@ -181,6 +185,9 @@ class Trainer:
         self._load_data()
 
         self.G, self.D = build_networks(params.model, dataset.num_classes, self.img_channels, self.img_resolution, seed=params.seed)
+        if self.cfg.class_ce > 0 and getattr(self.D, "embed", None) is None:
+            raise TrainingError("train.class_ce needs a projection critic: pgcgan-sa, or dcgan with "
+                                "model.dcgan_conditioning: projection (or set train.class_ce: 0)")
         self.G.to(self.device)
         self.D.to(self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
@@ -279,7 +286,7 @@ class Trainer:
                 fake = self.G(z, c).float()                                          # [n, C, R, R]
             with self._autocast():
                 loss_d, parts = critic_loss(self.D, self._augment(real), self._augment(fake), c, u,
-                                            self.gp_weight(self.it * cfg.n_critic + j), cfg.drift_epsilon)
+                                            self.gp_weight(self.it * cfg.n_critic + j), cfg.drift_epsilon, cfg.class_ce)
             self.opt_D.zero_grad(set_to_none=True)
             loss_d.backward()
             allreduce_mean([p.grad for p in self.D.parameters() if p.grad is not None], self.dist.world)
@@ -287,6 +294,8 @@ class Trainer:
             self.stats.add(**{LOSS_D: loss_d, WASSERSTEIN: parts["wasserstein"], DRIFT: parts["drift"]})
             if "gp" in parts:
                 self.stats.add(**{GRADIENT_PENALTY: parts["gp"]})
+            if "class_ce" in parts:
+                self.stats.add(**{CLASS_CE_REAL: parts["class_ce"]})
             if self.ada is not None:
                 self.ada.accumulate(parts["d_real"])
         # generator step (classes drawn like the critic's: data frequency, or uniform when balanced;
@@ -300,9 +309,13 @@ class Trainer:
         c = self.labels[idx]
         with self._autocast():
             fake = self.G(z, c)
-            loss_g = generator_loss(self.D, self._augment(fake), c)
+            if cfg.class_ce > 0:
+                loss_g, ce = generator_class_losses(self.D, self._augment(fake), c)
+            else:
+                loss_g, ce = generator_loss(self.D, self._augment(fake), c), None
             ms = mode_seeking_loss(fake, z, pairs) if pairs else None
             total_g = loss_g if ms is None else loss_g + cfg.mode_seeking * ms
+            total_g = total_g if ce is None else total_g + cfg.class_ce * ce
         self.opt_G.zero_grad(set_to_none=True)
         total_g.backward()
         allreduce_mean([p.grad for p in self.G.parameters() if p.grad is not None], self.dist.world)
@@ -311,6 +324,8 @@ class Trainer:
         self.stats.add(**{LOSS_G: loss_g})    # the adversarial part alone; the mode-seeking term is its own column
         if ms is not None:
             self.stats.add(**{MODE_SEEKING: ms})
+        if ce is not None:
+            self.stats.add(**{CLASS_CE_FAKE: ce})
         self.g_steps += 1
         self._update_ema(stage)
         if self.ada is not None and (self.it + 1) % cfg.augment_interval == 0:
@@ -440,7 +455,8 @@ class Trainer:
         means = self.stats.means()     # rank 0's running means (gradients are averaged)
         self.stats.reset()
         row = {KIMG: round(self.kimg, 4), RESOLUTION: float(st.resolution), ALPHA: alpha,
-               **{k: means.get(k, float("nan")) for k in (LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT, MODE_SEEKING)},
+               **{k: means.get(k, float("nan")) for k in (LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT, MODE_SEEKING,
+                                                              CLASS_CE_REAL, CLASS_CE_FAKE)},
                AUGMENT_P: float(self.augment_p) if self.cfg.augment else 0.0,
                LR_SCALE: lr_scale(self.cfg, self.kimg, self.total_kimg),
                IMAGES_PER_S: images / max(seconds, 1e-9), THREADS: float(torch.get_num_threads())}
@@ -529,7 +545,7 @@ def _tsv_value(v: float) -> str:
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> Path | None:
-    """Training curves (losses, Wasserstein estimate, gradient penalty and mode-seeking term vs kimg) as PNG."""
+    """Training curves (losses, Wasserstein estimate, gradient penalty, mode-seeking and class terms vs kimg) as PNG."""
     if not history:
         return None
     import matplotlib
@@ -541,7 +557,8 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> Path | None:
 
     kimg = [h[KIMG] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for key, ax_i in ((LOSS_D, 0), (LOSS_G, 0), (WASSERSTEIN, 1), (GRADIENT_PENALTY, 2), (MODE_SEEKING, 2)):
+    for key, ax_i in ((LOSS_D, 0), (LOSS_G, 0), (WASSERSTEIN, 1), (GRADIENT_PENALTY, 2), (MODE_SEEKING, 2),
+                       (CLASS_CE_REAL, 2), (CLASS_CE_FAKE, 2)):
         values = [h.get(key, float("nan")) for h in history]
         if any(math.isfinite(v) for v in values):
             axes[ax_i].plot(kimg, values, label=key.split("/")[-1])

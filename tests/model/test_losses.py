@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -76,3 +77,31 @@ def test_mode_seeking_loss_is_the_msgan_ratio_of_each_same_class_pair_and_pushes
     with torch.no_grad():
         leaf -= 1e-3 * leaf.grad
     assert (leaf[:3] - leaf[3:]).abs().mean().item() > before   # descending the term separates the pairs
+
+
+def test_projection_logits_are_the_per_class_terms_and_weight_the_class_cross_entropy():
+    from model.losses import generator_class_losses
+
+    for variant in ("pgcgan-sa", "dcgan"):
+        _, D = build_networks(tiny_model_config(variant=variant, mbstd_group=0), 3, 1, 16, seed=0)
+        D.set_stage(16, 1.0)
+        g = torch.Generator().manual_seed(2)
+        real, fake = torch.rand(6, 1, 16, 16, generator=g) * 2 - 1, torch.rand(6, 1, 16, 16, generator=g) * 2 - 1
+        c = torch.tensor([0, 1, 2, 0, 1, 2])
+        score, logits = D(real, c, logits=True)
+        assert logits.shape == (6, 3)
+        torch.testing.assert_close(score, D(real, c))                       # the same critic score
+        for k in range(3):                                                  # column k is the score's class-k part
+            torch.testing.assert_close(D(real, torch.full_like(c, k)) - logits[:, k], D(real, c) - logits.gather(1, c[:, None])[:, 0])
+        u = torch.rand(6, 1, 1, 1, generator=g)
+        base, _ = critic_loss(D, real, fake, c, u, gp_weight=0.0, drift_epsilon=1e-3)
+        weighted, stats = critic_loss(D, real, fake, c, u, gp_weight=0.0, drift_epsilon=1e-3, class_ce=0.5)
+        ce = nn.functional.cross_entropy(logits, c)
+        torch.testing.assert_close(stats["class_ce"], ce.detach())
+        torch.testing.assert_close(weighted - base, 0.5 * ce)
+        adv, ce_fake = generator_class_losses(D, fake, c)
+        torch.testing.assert_close(adv, generator_loss(D, fake, c))
+        torch.testing.assert_close(ce_fake, nn.functional.cross_entropy(D(fake, c, logits=True)[1], c))
+    _, concat = build_networks(tiny_model_config(variant="dcgan", dcgan_conditioning="concat"), 3, 1, 16, seed=0)
+    with pytest.raises(ValueError, match="projection"):
+        concat(real, c, logits=True)

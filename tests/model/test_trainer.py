@@ -1,6 +1,7 @@
 """Trainer: schedule, resume equivalence, stage-wise invocation, the baseline variant."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -381,3 +382,35 @@ def test_mode_seeking_pairs_the_g_batch_by_class_and_adds_its_term_only_when_set
         assert trainer_mod.MODE_SEEKING not in means
     assert trainer_mod.LOSS_G in means
     assert all(torch.isfinite(p).all() for p in tr.G.parameters())
+
+
+def test_class_cross_entropy_is_logged_for_both_nets_and_the_critic_learns_the_classes(root, dataset, tmp_path):
+    import model.trainer as trainer_mod
+
+    off = trainer_mod.Trainer(tiny(root), dataset, tmp_path / "off")
+    off._iteration(off.schedule[0], 1.0)
+    assert not {trainer_mod.CLASS_CE_REAL, trainer_mod.CLASS_CE_FAKE} & set(off.stats.means())
+    tr = trainer_mod.Trainer(tiny(root, **{"train.class_ce": 1.0, "train.lr_d": 2.0e-3}), dataset, tmp_path / "on")
+    st = tr.schedule[0]
+    first = None
+    for i in range(30):
+        tr._iteration(st, 1.0)
+        if i == 0:
+            first = tr.stats.means()
+        if i == 19:
+            tr.stats.reset()
+    last = tr.stats.means()                                         # mean over the last 10 iterations
+    assert first[trainer_mod.CLASS_CE_REAL] == pytest.approx(math.log(3), abs=0.35)   # untrained: near chance
+    assert last[trainer_mod.CLASS_CE_REAL] < 0.5 * first[trainer_mod.CLASS_CE_REAL]   # D classifies the reals
+    assert math.isfinite(last[trainer_mod.CLASS_CE_FAKE])
+    real = tr._real_batch(torch.arange(12), st, 1.0)
+    _, logits = tr.D(real, tr.labels[:12], logits=True)
+    assert (logits.argmax(1) == tr.labels[:12]).float().mean() >= 0.75
+
+
+def test_class_cross_entropy_refuses_a_critic_without_class_logits(root, dataset, tmp_path):
+    import model.trainer as trainer_mod
+
+    params = tiny(root, **{"train.class_ce": 1.0, "model.variant": "dcgan", "model.dcgan_conditioning": "concat"})
+    with pytest.raises(trainer_mod.TrainingError, match="projection critic"):
+        trainer_mod.Trainer(params, dataset, tmp_path)
