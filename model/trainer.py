@@ -96,8 +96,7 @@ ALPHA = "train/alpha"
 RESOLUTION = "train/resolution"
 KIMG = "kimg"
 HISTORY_COLUMNS = (KIMG, RESOLUTION, ALPHA, LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT, MODE_SEEKING, CLASS_CE_REAL,
-                   CLASS_CE_FAKE, AUGMENT_P,
-                   LR_SCALE, IMAGES_PER_S, THREADS)
+                   CLASS_CE_FAKE, AUGMENT_P, LR_SCALE, IMAGES_PER_S, THREADS)
 HISTORY_TSV = "history.tsv"
 
 # Train keys that do not change the arithmetic (excluded from the resume compatibility check).
