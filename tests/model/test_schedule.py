@@ -93,11 +93,12 @@ def test_cpu_profile_trains_the_mission_model_on_every_core(root):
     assert p.model.variant == "pgcgan-sa" and p.train.threads == 0 and p.train.ranks == 2
     assert p.train.n_critic == 1 and (p.train.beta1, p.train.beta2) == (0.0, 0.99)
     assert math.isclose(p.train.lr_g, p.train.lr_d)
+    assert p.train.class_ce > 0 and p.train.mode_seeking > 0 and p.model.class_modulation   # docs/benchmarks.md: issue 13
 
 
-def test_long_cpu_recipes_double_the_budget_and_train_what_the_quality_runs_trained(root):
-    """`cpu-pgcgan-sa-long` is `cpu-pgcgan-sa` at twice the kimg, nothing else (so the
-    `benchmarks/quality.py --tag x2` runs of docs/benchmarks.md are its runs); `cpu-dcgan-long`
+def test_long_cpu_recipes_double_the_budget_and_change_nothing_else(root):
+    """`cpu-pgcgan-sa-long` is `cpu-pgcgan-sa` at twice the kimg, nothing else (what
+    `benchmarks/quality.py --tag x2 --set train.kimg_per_resolution=...` trains); `cpu-dcgan-long`
     is the baseline at twice its kimg."""
     from model.trainer import arithmetic
 
