@@ -88,7 +88,7 @@ def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
 # one was built with the old behaviour, whatever today's default is.
 LEGACY_MODEL_VALUES: dict[str, Any] = {"fade_after_output": False, "separate_label_norm": False,
                                        "d_embed_equalized": False, "light_resolutions": (),
-                                       "class_modulation": False}
+                                       "class_modulation": False, "d_twin_classifier": False}
 
 
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:

@@ -80,6 +80,7 @@ class DCGANDiscriminator(_Fixed):
         fmap_max: int = 256,
         fmap_min: int = 16,
         conditioning: str = "projection",           # projection | concat
+        twin_classifier: bool = False,              # projection only: a twin embedding that classifies fakes (TAC-GAN)
     ):
         super().__init__()
         if conditioning not in ("projection", "concat"):
@@ -101,12 +102,20 @@ class DCGANDiscriminator(_Fixed):
         self.embed = nn.Embedding(num_classes, c4) if conditioning == "projection" else None
         if self.embed is not None:
             nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(c4))
+        if twin_classifier and self.embed is None:
+            raise ValueError("model.d_twin_classifier needs model.dcgan_conditioning: projection")
+        self.embed_twin = nn.Embedding(num_classes, c4) if twin_classifier else None
+        if self.embed_twin is not None:
+            nn.init.normal_(self.embed_twin.weight, std=1.0 / math.sqrt(c4))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, logits: bool = False):
+    def forward(self, x: torch.Tensor, c: torch.Tensor, logits: bool = False, twin: bool = False):
         """Args: x [N, C, R, R] in [-1, 1], c [N] int64. Returns raw scores [N]; with ``logits``
-        (projection conditioning only) also every class's projection term [N, K]."""
+        (projection conditioning only) also every class's projection term [N, K]; with ``twin``
+        too the twin head's logits [N, K] (TAC-GAN)."""
         if logits and self.embed is None:
             raise ValueError("class logits need the projection critic (model.dcgan_conditioning: projection)")
+        if twin and (self.embed_twin is None or not logits):
+            raise ValueError("twin logits need model.d_twin_classifier: true (and logits=True)")
         if tuple(x.shape[-2:]) != (self.img_resolution, self.img_resolution):
             raise ValueError(f"dcgan D expects {self.img_resolution}x{self.img_resolution} inputs, got {tuple(x.shape)}")
         if self.label_map is not None:
@@ -118,7 +127,8 @@ class DCGANDiscriminator(_Fixed):
         score = self.out(phi).squeeze(1)
         if logits:
             all_logits = phi @ self.embed.weight.t()                     # [N, K]
-            return score + all_logits.gather(1, c[:, None]).squeeze(1), all_logits
+            score = score + all_logits.gather(1, c[:, None]).squeeze(1)
+            return (score, all_logits, phi @ self.embed_twin.weight.t()) if twin else (score, all_logits)
         if self.embed is not None:
             score = score + (self.embed(c) * phi).sum(dim=1)
         return score

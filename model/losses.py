@@ -24,6 +24,14 @@ head. The WGAN projection term alone only rewards ``<embed(c), phi>`` for the as
 cross-entropy also penalises a sample that scores as another class, which is what a
 condition's leakage into its neighbours looks like.
 
+Twin classifier, optional (``model.d_twin_classifier``, TAC-GAN: Gong et al., 2019): AC-GAN's G
+term drives fakes to where the classifier is sure, so conditions that overlap in real data
+(viral vs bacterial pneumonia) come out further apart than the reals are. A second embedding
+of D, trained on the fakes (``class_ce x CE(twin_logits(G(z, c)), c)`` in D's loss), lets G
+subtract what is easy about its own samples: G's class term becomes
+``class_ce x (CE(logits(G(z, c)), c) - CE(twin_logits(G(z, c)), c))``, which at D's optimum
+matches G's class posterior to the data's instead of sharpening it.
+
 Lazy regularisation (StyleGAN2): with ``gp_interval = k`` the penalty is computed on every
 k-th critic step only and weighted ``k * lambda``, so its average pull is unchanged at about
 1/k of its cost (the penalty's double backward is about half a critic step).
@@ -65,6 +73,7 @@ def critic_loss(
     gp_weight: float,
     drift_epsilon: float,
     class_ce: float = 0.0,
+    twin: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The critic's WGAN-GP loss and its parts (detached) for logging.
 
@@ -72,11 +81,12 @@ def critic_loss(
         gp_weight: weight of the gradient penalty on this step: ``gp_lambda``, or
             ``gp_interval * gp_lambda`` on a lazy step; 0 skips the penalty (not computed).
         class_ce: weight of the reals' class cross-entropy on the projection logits (0: off).
+        twin: with ``class_ce``, also the twin head's cross-entropy on the fakes (same weight).
 
     Returns:
         ``(loss, stats)``: stats ``wasserstein``, ``drift``, ``d_real`` (the scores, [N],
-        for adaptive augmentation), ``class_ce`` when weighted, and, when the penalty was
-        computed, ``gp``.
+        for adaptive augmentation), ``class_ce`` when weighted, ``class_ce_twin`` with the twin,
+        and, when the penalty was computed, ``gp``.
     """
     if class_ce > 0:
         d_real, logits = D(real, c, logits=True)
@@ -84,13 +94,22 @@ def critic_loss(
         ce = F.cross_entropy(logits.float(), c)                          # the reals' class, from the projection logits
     else:
         d_real = D(real, c).float()                                      # [N]
-    d_fake = D(fake, c).float()                                          # [N]
+    twin = twin and class_ce > 0
+    if twin:
+        d_fake, _, twin_logits = D(fake, c, logits=True, twin=True)
+        d_fake = d_fake.float()                                          # [N]
+        ce_twin = F.cross_entropy(twin_logits.float(), c)                # the fakes' class, from the twin head
+    else:
+        d_fake = D(fake, c).float()                                      # [N]
     drift = d_real.pow(2).mean()
     loss = d_fake.mean() - d_real.mean() + drift_epsilon * drift
     stats = {"wasserstein": (d_real.mean() - d_fake.mean()).detach(), "drift": drift.detach(), "d_real": d_real.detach()}
     if class_ce > 0:
         loss = loss + class_ce * ce
         stats["class_ce"] = ce.detach()
+    if twin:
+        loss = loss + class_ce * ce_twin
+        stats["class_ce_twin"] = ce_twin.detach()
     if gp_weight > 0:
         gp = gradient_penalty(D, real, fake, c, u)
         loss = loss + gp_weight * gp
@@ -103,10 +122,15 @@ def generator_loss(D: nn.Module, fake: torch.Tensor, c: torch.Tensor) -> torch.T
     return -D(fake, c).float().mean()
 
 
-def generator_class_losses(D: nn.Module, fake: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(-E[D(G(z, c), c)], CE(projection logits of G(z, c), c))`` from one pass of D."""
-    score, logits = D(fake, c, logits=True)
-    return -score.float().mean(), F.cross_entropy(logits.float(), c)
+def generator_class_losses(D: nn.Module, fake: torch.Tensor, c: torch.Tensor,
+                           twin: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(-E[D(G(z, c), c)], CE(projection logits of G(z, c), c), CE(twin logits, c) or None)``
+    from one pass of D; G's class term is the second minus the third (TAC-GAN) with ``twin``."""
+    if not twin:
+        score, logits = D(fake, c, logits=True)
+        return -score.float().mean(), F.cross_entropy(logits.float(), c), None
+    score, logits, twin_logits = D(fake, c, logits=True, twin=True)
+    return -score.float().mean(), F.cross_entropy(logits.float(), c), F.cross_entropy(twin_logits.float(), c)
 
 
 def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, pairs: int, eps: float = 1e-5) -> torch.Tensor:

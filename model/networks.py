@@ -192,6 +192,7 @@ class ProgressiveDiscriminator(_Stageful):
         equalized_lr: bool = True,
         mbstd_group: int = 4,                       # 0: no minibatch stddev
         embed_equalized: bool = True,               # equalised projection embedding
+        twin_classifier: bool = False,              # a twin embedding that classifies fakes (TAC-GAN)
         light_resolutions: tuple[int, ...] = (),    # one 3x3 conv (not two) in these blocks
     ):
         super().__init__()
@@ -218,6 +219,7 @@ class ProgressiveDiscriminator(_Stageful):
         self.final_dense = EqualizedLinear(c4 * 16, c4, equalized=eq)
         self.out = EqualizedLinear(c4, 1, gain=1.0, equalized=eq)
         self.embed = EqualizedEmbedding(num_classes, c4, equalized=embed_equalized and eq)  # projection conditioning
+        self.embed_twin = EqualizedEmbedding(num_classes, c4, equalized=embed_equalized and eq) if twin_classifier else None
 
     def _block(self, res: int, x: torch.Tensor) -> torch.Tensor:
         if str(res) in self.attention:
@@ -245,13 +247,18 @@ class ProgressiveDiscriminator(_Stageful):
         h = lrelu(self.final_conv(h))                                    # [N, C4, 4, 4]
         return lrelu(self.final_dense(h.flatten(1)))                     # [N, C4]
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, logits: bool = False):
+    def forward(self, x: torch.Tensor, c: torch.Tensor, logits: bool = False, twin: bool = False):
         """Args: x [N, C, R, R] in [-1, 1], c [N] int64. Returns raw scores [N]; with ``logits``
         also the projection term of every class, ``<embed(k), phi(x)>`` [N, K] (a classifier's
-        logits: the class-independent ``w . phi(x)`` cancels in a softmax over classes)."""
+        logits: the class-independent ``w . phi(x)`` cancels in a softmax over classes); with
+        ``twin`` too the twin head's logits ``<embed_twin(k), phi(x)>`` [N, K] (TAC-GAN)."""
+        if twin and (self.embed_twin is None or not logits):
+            raise ValueError("twin logits need model.d_twin_classifier: true (and logits=True)")
         phi = self.features(x)                                           # [N, F]
         if not logits:
             return self.out(phi).squeeze(1) + (self.embed(c) * phi).sum(dim=1)
         all_logits = phi @ (self.embed.weight * self.embed.scale).t()    # [N, K]
         score = self.out(phi).squeeze(1) + all_logits.gather(1, c[:, None]).squeeze(1)
-        return score, all_logits
+        if not twin:
+            return score, all_logits
+        return score, all_logits, phi @ (self.embed_twin.weight * self.embed_twin.scale).t()

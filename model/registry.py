@@ -44,7 +44,8 @@ def _build_pgcgan_sa(cfg: ModelConfig, num_classes: int, img_channels: int, img_
     D = ProgressiveDiscriminator(
         num_classes=num_classes, img_resolution=img_resolution, img_channels=img_channels,
         attention_resolutions=cfg.attention_resolutions, equalized_lr=cfg.equalized_lr,
-        mbstd_group=cfg.mbstd_group, embed_equalized=cfg.d_embed_equalized, light_resolutions=cfg.light_resolutions, **fmaps,
+        mbstd_group=cfg.mbstd_group, embed_equalized=cfg.d_embed_equalized, light_resolutions=cfg.light_resolutions,
+        twin_classifier=cfg.d_twin_classifier, **fmaps,
     )
     return G, D
 
@@ -59,7 +60,7 @@ def _build_dcgan(cfg: ModelConfig, num_classes: int, img_channels: int, img_reso
     )
     D = DCGANDiscriminator(
         num_classes=num_classes, img_resolution=img_resolution, img_channels=img_channels,
-        conditioning=cfg.dcgan_conditioning, **fmaps,
+        conditioning=cfg.dcgan_conditioning, twin_classifier=cfg.d_twin_classifier, **fmaps,
     )
     return G, D
 

@@ -88,6 +88,7 @@ DRIFT = "train/drift"
 MODE_SEEKING = "train/mode_seeking"   # MSGAN's term before its weight (NaN when train.mode_seeking is 0)
 CLASS_CE_REAL = "train/class_ce_real"  # D's class cross-entropy on reals, before its weight (NaN when train.class_ce is 0)
 CLASS_CE_FAKE = "train/class_ce_fake"  # G's on its fakes
+CLASS_CE_TWIN = "train/class_ce_twin"  # D's twin head on fakes (model.d_twin_classifier; G pushes it up)
 AUGMENT_P = "train/augment_p"
 LR_SCALE = "train/lr_scale"          # factor on lr_g and lr_d (train.lr_rampdown_kimg)
 IMAGES_PER_S = "train/images_per_s"
@@ -96,7 +97,7 @@ ALPHA = "train/alpha"
 RESOLUTION = "train/resolution"
 KIMG = "kimg"
 HISTORY_COLUMNS = (KIMG, RESOLUTION, ALPHA, LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT, MODE_SEEKING, CLASS_CE_REAL,
-                   CLASS_CE_FAKE, AUGMENT_P, LR_SCALE, IMAGES_PER_S, THREADS)
+                   CLASS_CE_FAKE, CLASS_CE_TWIN, AUGMENT_P, LR_SCALE, IMAGES_PER_S, THREADS)
 HISTORY_TSV = "history.tsv"
 
 # Train keys that do not change the arithmetic (excluded from the resume compatibility check).
@@ -187,6 +188,10 @@ class Trainer:
         if self.cfg.class_ce > 0 and getattr(self.D, "embed", None) is None:
             raise TrainingError("train.class_ce needs a projection critic: pgcgan-sa, or dcgan with "
                                 "model.dcgan_conditioning: projection (or set train.class_ce: 0)")
+        self.twin = getattr(self.D, "embed_twin", None) is not None
+        if self.twin and self.cfg.class_ce <= 0:
+            raise TrainingError("model.d_twin_classifier trains its head with the class cross-entropy: "
+                                "set train.class_ce > 0 (or model.d_twin_classifier: false)")
         self.G.to(self.device)
         self.D.to(self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
@@ -285,7 +290,8 @@ class Trainer:
                 fake = self.G(z, c).float()                                          # [n, C, R, R]
             with self._autocast():
                 loss_d, parts = critic_loss(self.D, self._augment(real), self._augment(fake), c, u,
-                                            self.gp_weight(self.it * cfg.n_critic + j), cfg.drift_epsilon, cfg.class_ce)
+                                            self.gp_weight(self.it * cfg.n_critic + j), cfg.drift_epsilon, cfg.class_ce,
+                                            self.twin)
             self.opt_D.zero_grad(set_to_none=True)
             loss_d.backward()
             allreduce_mean([p.grad for p in self.D.parameters() if p.grad is not None], self.dist.world)
@@ -295,6 +301,8 @@ class Trainer:
                 self.stats.add(**{GRADIENT_PENALTY: parts["gp"]})
             if "class_ce" in parts:
                 self.stats.add(**{CLASS_CE_REAL: parts["class_ce"]})
+            if "class_ce_twin" in parts:
+                self.stats.add(**{CLASS_CE_TWIN: parts["class_ce_twin"]})
             if self.ada is not None:
                 self.ada.accumulate(parts["d_real"])
         # generator step (classes drawn like the critic's: data frequency, or uniform when balanced;
@@ -309,12 +317,13 @@ class Trainer:
         with self._autocast():
             fake = self.G(z, c)
             if cfg.class_ce > 0:
-                loss_g, ce = generator_class_losses(self.D, self._augment(fake), c)
+                loss_g, ce, ce_twin = generator_class_losses(self.D, self._augment(fake), c, self.twin)
             else:
-                loss_g, ce = generator_loss(self.D, self._augment(fake), c), None
+                loss_g, ce, ce_twin = generator_loss(self.D, self._augment(fake), c), None, None
             ms = mode_seeking_loss(fake, z, pairs) if pairs else None
             total_g = loss_g if ms is None else loss_g + cfg.mode_seeking * ms
             total_g = total_g if ce is None else total_g + cfg.class_ce * ce
+            total_g = total_g if ce_twin is None else total_g - cfg.class_ce * ce_twin   # TAC-GAN: G pushes the twin's up
         self.opt_G.zero_grad(set_to_none=True)
         total_g.backward()
         allreduce_mean([p.grad for p in self.G.parameters() if p.grad is not None], self.dist.world)
@@ -455,7 +464,7 @@ class Trainer:
         self.stats.reset()
         row = {KIMG: round(self.kimg, 4), RESOLUTION: float(st.resolution), ALPHA: alpha,
                **{k: means.get(k, float("nan")) for k in (LOSS_D, LOSS_G, WASSERSTEIN, GRADIENT_PENALTY, DRIFT, MODE_SEEKING,
-                                                              CLASS_CE_REAL, CLASS_CE_FAKE)},
+                                                              CLASS_CE_REAL, CLASS_CE_FAKE, CLASS_CE_TWIN)},
                AUGMENT_P: float(self.augment_p) if self.cfg.augment else 0.0,
                LR_SCALE: lr_scale(self.cfg, self.kimg, self.total_kimg),
                IMAGES_PER_S: images / max(seconds, 1e-9), THREADS: float(torch.get_num_threads())}
@@ -557,7 +566,7 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> Path | None:
     kimg = [h[KIMG] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for key, ax_i in ((LOSS_D, 0), (LOSS_G, 0), (WASSERSTEIN, 1), (GRADIENT_PENALTY, 2), (MODE_SEEKING, 2),
-                       (CLASS_CE_REAL, 2), (CLASS_CE_FAKE, 2)):
+                       (CLASS_CE_REAL, 2), (CLASS_CE_FAKE, 2), (CLASS_CE_TWIN, 2)):
         values = [h.get(key, float("nan")) for h in history]
         if any(math.isfinite(v) for v in values):
             axes[ax_i].plot(kimg, values, label=key.split("/")[-1])

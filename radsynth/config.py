@@ -100,6 +100,7 @@ class ModelConfig:
     d_embed_equalized: bool = True             # pgcgan-sa D projection embedding with equalised learning rate
     light_resolutions: tuple[int, ...] = ()    # pgcgan-sa G/D blocks with one 3x3 conv instead of two at these resolutions
     class_modulation: bool = False             # pgcgan-sa G: class-dependent per-channel gain and bias after every conv
+    d_twin_classifier: bool = False            # projection D: a second class embedding that classifies fakes (TAC-GAN; needs train.class_ce)
     dcgan_conditioning: str = "projection"     # dcgan D: projection | concat (label map on input)
 
 

@@ -4,6 +4,7 @@ from torch import nn
 
 from model.losses import critic_loss, generator_loss, gradient_penalty, mode_seeking_loss
 from model.registry import build_networks
+from radsynth.errors import RadsynthError
 from tests.model.conftest import tiny_model_config
 
 
@@ -99,9 +100,47 @@ def test_projection_logits_are_the_per_class_terms_and_weight_the_class_cross_en
         ce = nn.functional.cross_entropy(logits, c)
         torch.testing.assert_close(stats["class_ce"], ce.detach())
         torch.testing.assert_close(weighted - base, 0.5 * ce)
-        adv, ce_fake = generator_class_losses(D, fake, c)
+        adv, ce_fake, _ = generator_class_losses(D, fake, c)
         torch.testing.assert_close(adv, generator_loss(D, fake, c))
         torch.testing.assert_close(ce_fake, nn.functional.cross_entropy(D(fake, c, logits=True)[1], c))
     _, concat = build_networks(tiny_model_config(variant="dcgan", dcgan_conditioning="concat"), 3, 1, 16, seed=0)
     with pytest.raises(ValueError, match="projection"):
         concat(real, c, logits=True)
+
+
+def test_twin_classifier_trains_on_fakes_and_g_subtracts_its_cross_entropy():
+    from model.losses import generator_class_losses
+
+    for variant in ("pgcgan-sa", "dcgan"):
+        _, plain = build_networks(tiny_model_config(variant=variant, mbstd_group=0), 3, 1, 16, seed=0)
+        _, D = build_networks(tiny_model_config(variant=variant, mbstd_group=0, d_twin_classifier=True), 3, 1, 16, seed=0)
+        for net in (plain, D):
+            net.set_stage(16, 1.0)
+        g = torch.Generator().manual_seed(3)
+        real, fake = torch.rand(6, 1, 16, 16, generator=g) * 2 - 1, torch.rand(6, 1, 16, 16, generator=g) * 2 - 1
+        c = torch.tensor([0, 1, 2, 0, 1, 2])
+        torch.testing.assert_close(D(real, c), plain(real, c))                     # the twin is built last: same critic
+        score, logits, twin_logits = D(fake, c, logits=True, twin=True)
+        assert twin_logits.shape == (6, 3) and not torch.allclose(twin_logits, logits)
+        torch.testing.assert_close(score, D(fake, c))
+        u = torch.rand(6, 1, 1, 1, generator=g)
+        one, _ = critic_loss(D, real, fake, c, u, gp_weight=0.0, drift_epsilon=1e-3, class_ce=0.5)
+        two, stats = critic_loss(D, real, fake, c, u, gp_weight=0.0, drift_epsilon=1e-3, class_ce=0.5, twin=True)
+        ce_twin = nn.functional.cross_entropy(twin_logits, c)
+        torch.testing.assert_close(stats["class_ce_twin"], ce_twin.detach())
+        torch.testing.assert_close(two - one, 0.5 * ce_twin)                       # D learns to classify the fakes
+        off, _ = critic_loss(D, real, fake, c, u, gp_weight=0.0, drift_epsilon=1e-3, twin=True)
+        base, stats_off = critic_loss(D, real, fake, c, u, gp_weight=0.0, drift_epsilon=1e-3)
+        torch.testing.assert_close(off, base)                                      # no class_ce: no twin term
+        assert "class_ce_twin" not in stats_off
+        adv, ce, ce_g_twin = generator_class_losses(D, fake, c, twin=True)
+        torch.testing.assert_close(adv, generator_loss(D, fake, c))
+        torch.testing.assert_close(ce, nn.functional.cross_entropy(logits, c))
+        torch.testing.assert_close(ce_g_twin, ce_twin)
+        assert generator_class_losses(D, fake, c)[2] is None
+        with pytest.raises(ValueError, match="d_twin_classifier"):
+            plain(fake, c, logits=True, twin=True)
+        with pytest.raises(ValueError, match="d_twin_classifier"):
+            D(fake, c, twin=True)                                                 # twin logits come with logits
+    with pytest.raises(RadsynthError, match="projection"):
+        build_networks(tiny_model_config(variant="dcgan", dcgan_conditioning="concat", d_twin_classifier=True), 3, 1, 16)

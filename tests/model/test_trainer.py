@@ -408,6 +408,32 @@ def test_class_cross_entropy_is_logged_for_both_nets_and_the_critic_learns_the_c
     assert (logits.argmax(1) == tr.labels[:12]).float().mean() >= 0.75
 
 
+def test_twin_classifier_learns_the_fakes_classes_and_is_logged(root, dataset, tmp_path):
+    import model.trainer as trainer_mod
+
+    with pytest.raises(trainer_mod.TrainingError, match="class_ce"):
+        trainer_mod.Trainer(tiny(root, **{"model.d_twin_classifier": True}), dataset, tmp_path / "no-ce")
+    tr = trainer_mod.Trainer(tiny(root, **{"train.class_ce": 1.0, "train.lr_d": 2.0e-3, "model.d_twin_classifier": True}),
+                             dataset, tmp_path / "twin")
+    assert tr.twin
+    st = tr.schedule[0]
+    twin_before = tr.D.embed_twin.weight.detach().clone()
+    first = None
+    for i in range(30):
+        tr._iteration(st, 1.0)
+        if i == 0:
+            first = tr.stats.means()
+        if i == 19:
+            tr.stats.reset()
+    last = tr.stats.means()
+    assert first[trainer_mod.CLASS_CE_TWIN] == pytest.approx(math.log(3), abs=0.35)   # untrained: near chance
+    assert math.isfinite(last[trainer_mod.CLASS_CE_TWIN]) and math.isfinite(last[trainer_mod.CLASS_CE_FAKE])
+    assert not torch.equal(twin_before, tr.D.embed_twin.weight)                         # the twin head is trained
+    assert last[trainer_mod.CLASS_CE_REAL] < 0.5 * first[trainer_mod.CLASS_CE_REAL]    # the real head still learns
+    assert all(torch.isfinite(p).all() for p in tr.G.parameters())
+    assert trainer_mod.CLASS_CE_TWIN in trainer_mod.HISTORY_COLUMNS
+
+
 def test_class_cross_entropy_refuses_a_critic_without_class_logits(root, dataset, tmp_path):
     import model.trainer as trainer_mod
 
