@@ -384,6 +384,18 @@ def test_mode_seeking_pairs_the_g_batch_by_class_and_adds_its_term_only_when_set
     assert all(torch.isfinite(p).all() for p in tr.G.parameters())
 
 
+def _first_and_last_means(tr, st, iterations: int = 30, last: int = 10):
+    """Train ``iterations`` steps at stage ``st``: the stats of the first step and the mean over the last ``last``."""
+    first = None
+    for i in range(iterations):
+        tr._iteration(st, 1.0)
+        if i == 0:
+            first = tr.stats.means()
+        if i == iterations - last - 1:
+            tr.stats.reset()
+    return first, tr.stats.means()
+
+
 def test_class_cross_entropy_is_logged_for_both_nets_and_the_critic_learns_the_classes(root, dataset, tmp_path):
     import model.trainer as trainer_mod
 
@@ -392,14 +404,7 @@ def test_class_cross_entropy_is_logged_for_both_nets_and_the_critic_learns_the_c
     assert not {trainer_mod.CLASS_CE_REAL, trainer_mod.CLASS_CE_FAKE} & set(off.stats.means())
     tr = trainer_mod.Trainer(tiny(root, **{"train.class_ce": 1.0, "train.lr_d": 2.0e-3}), dataset, tmp_path / "on")
     st = tr.schedule[0]
-    first = None
-    for i in range(30):
-        tr._iteration(st, 1.0)
-        if i == 0:
-            first = tr.stats.means()
-        if i == 19:
-            tr.stats.reset()
-    last = tr.stats.means()                                         # mean over the last 10 iterations
+    first, last = _first_and_last_means(tr, st)
     assert first[trainer_mod.CLASS_CE_REAL] == pytest.approx(math.log(3), abs=0.35)   # untrained: near chance
     assert last[trainer_mod.CLASS_CE_REAL] < 0.5 * first[trainer_mod.CLASS_CE_REAL]   # D classifies the reals
     assert math.isfinite(last[trainer_mod.CLASS_CE_FAKE])
@@ -418,14 +423,7 @@ def test_twin_classifier_learns_the_fakes_classes_and_is_logged(root, dataset, t
     assert tr.twin
     st = tr.schedule[0]
     twin_before = tr.D.embed_twin.weight.detach().clone()
-    first = None
-    for i in range(30):
-        tr._iteration(st, 1.0)
-        if i == 0:
-            first = tr.stats.means()
-        if i == 19:
-            tr.stats.reset()
-    last = tr.stats.means()
+    first, last = _first_and_last_means(tr, st)
     assert first[trainer_mod.CLASS_CE_TWIN] == pytest.approx(math.log(3), abs=0.35)   # untrained: near chance
     assert math.isfinite(last[trainer_mod.CLASS_CE_TWIN]) and math.isfinite(last[trainer_mod.CLASS_CE_FAKE])
     assert not torch.equal(twin_before, tr.D.embed_twin.weight)                         # the twin head is trained
