@@ -126,11 +126,9 @@ def generator_class_losses(D: nn.Module, fake: torch.Tensor, c: torch.Tensor,
                            twin: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(-E[D(G(z, c), c)], CE(projection logits of G(z, c), c), CE(twin logits, c) or None)``
     from one pass of D; G's class term is the second minus the third (TAC-GAN) with ``twin``."""
-    if not twin:
-        score, logits = D(fake, c, logits=True)
-        return -score.float().mean(), F.cross_entropy(logits.float(), c), None
-    score, logits, twin_logits = D(fake, c, logits=True, twin=True)
-    return -score.float().mean(), F.cross_entropy(logits.float(), c), F.cross_entropy(twin_logits.float(), c)
+    score, logits, *twin_logits = D(fake, c, logits=True, twin=twin)
+    ce_twin = F.cross_entropy(twin_logits[0].float(), c) if twin else None
+    return -score.float().mean(), F.cross_entropy(logits.float(), c), ce_twin
 
 
 def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, pairs: int, eps: float = 1e-5) -> torch.Tensor:
