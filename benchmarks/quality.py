@@ -258,7 +258,24 @@ def aggregate(results: list[dict], classes: list[str]) -> dict:
     return out
 
 
-def print_tables(agg: dict, results: list[dict], gate_runs: list[dict]) -> None:
+def run_rows(results: list[dict], classes: list[str]) -> list[str]:
+    """One line per evaluated run: salt, row label, seed, then FD units, condition accuracy and
+    recall per condition (``a / b / c`` in ``classes`` order), the verdict and its smallest margin."""
+    def triple(prefix: str, fmt: str) -> str:
+        return " / ".join(format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+                          for v in (r["metrics"].get(f"{prefix}/{c}") for c in classes))
+
+    lines = []
+    for r in sorted((r for r in results if "metrics" in r), key=lambda r: (r["recipe"], r["salt"], r["seed"])):
+        m = r.get("gate_min_margin") or {}
+        margin = f"{100 * m['margin']:.1f} % ({m.get('check')})" if m.get("margin") is not None else "-"
+        verdict = "pass" if r.get("gate_passed") else "FAIL " + ",".join(r.get("gate_failed") or [])
+        lines.append(f"{r['salt']:<22} {r['recipe']:<28} {r['seed']:>5}  FD {triple(mk.FID_DOMAIN_UNITS, '.1f'):<18} "
+                     f"acc {triple(mk.COND_ACC, '.3f'):<23} recall {triple(mk.RECALL, '.2f'):<18} {verdict}  {margin}")
+    return lines
+
+
+def print_tables(agg: dict, results: list[dict], gate_runs: list[dict], classes: list[str] | None = None) -> None:
     """One row per recipe (and EMA probe): mean +- sd of each figure over seeds x salts."""
     recipes = list(agg)
     if not recipes:
@@ -274,11 +291,33 @@ def print_tables(agg: dict, results: list[dict], gate_runs: list[dict]) -> None:
     print(f"{'recipe':<{width}}{'gate passed':>14}")
     for r in recipes:
         print(f"{r:<{width}}{str(agg[r]['gate_pass']['passed']) + ' / ' + str(agg[r]['gate_pass']['runs']):>14}")
+    if classes:
+        print(f"\nper run (FD units, condition accuracy, recall: {' / '.join(classes)}; gate, smallest margin):")
+        for line in run_rows(results, classes):
+            print("  " + line)
     if gate_runs:
         print("\ngate over salts (first recipe, default seed):")
         for r in gate_runs:
             m = r.get("gate_min_margin") or {}
             print(f"  {r['salt']:<22} passed={r.get('gate_passed')}  smallest margin {m.get('margin')} ({m.get('check')})  failed {r.get('gate_failed')}")
+
+
+def report(paths: list[Path]) -> int:
+    """Tables of finished result files, without running anything: runs of every file pooled by row label."""
+    runs: list[dict] = []
+    classes: list[str] = []
+    for path in paths:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"--report {path}: not a readable result file ({exc})")
+        runs += [r for r in doc.get("runs", []) if "metrics" in r]
+        for r in runs:      # the conditions, in the order the evaluation named them
+            classes = classes or [k.split("/", 1)[1] for k in r["metrics"] if k.startswith(mk.FID_DOMAIN_UNITS + "/")]
+    if not runs:
+        raise SystemExit("--report: no evaluated runs in " + ", ".join(map(str, paths)))
+    print_tables(aggregate(runs, classes), runs, [], classes)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -301,7 +340,11 @@ def main(argv=None) -> int:
                     "into <run>/evaluate-utility, beside (not instead of) a run's evaluation without it")
     ap.add_argument("--wrap", default="", help="run every step under this command (e.g. /work/tools/heavy on a shared machine)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    ap.add_argument("--report", default="", help="comma-separated result JSONs of earlier runs: print their tables "
+                                                 "(runs pooled per row label) and run nothing")
     args = ap.parse_args(argv)
+    if args.report:
+        return report([Path(f) for f in args.report.split(",") if f])
     WRAP[:] = args.wrap.split() if args.wrap else []
     recipes = args.recipes.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -326,7 +369,7 @@ def main(argv=None) -> int:
                  and r["seed"] == seeds[0] and not r.get("probe")]
     agg = aggregate(main_runs, classes) if args.phase == "all" else {}
     if args.phase == "all":
-        print_tables(agg, main_runs, gate_runs)
+        print_tables(agg, main_runs + [r for r in results if r["salt"] in gate_salts], gate_runs, classes)
     else:
         for r in results:
             print(f"trained {r['salt']} {r['recipe']} seed {r['seed']}: {r.get('kimg')} kimg in {r.get('train_seconds')} s")

@@ -32,3 +32,39 @@ def test_margins_are_fractions_of_the_threshold_and_the_smallest_names_its_check
 def test_run_folders_keep_variants_and_probes_apart(tmp_path):
     assert run_dir_of(tmp_path, "cpu-pgcgan-sa+x2", 1, []) == tmp_path / "runs" / "cpu-pgcgan-sa+x2-seed1"
     assert run_dir_of(tmp_path, "cpu-pgcgan-sa", 1, [0.5]) == tmp_path / "runs" / "ema-cpu-pgcgan-sa-seed1"
+
+
+def _run(salt, seed, fd, passed, failed=(), margin=None):
+    classes = ("NORMAL", "BACTERIAL", "VIRAL")
+    metrics = {f"fid_domain_units/{c}": v for c, v in zip(classes, fd)}
+    metrics |= {f"cond_acc/{c}": 0.9 for c in classes} | {f"recall/{c}": 0.5 for c in classes}
+    return {"salt": salt, "recipe": "cpu-pgcgan-sa+x", "seed": seed, "metrics": metrics, "gate_passed": passed,
+            "gate_failed": list(failed), "gate_min_margin": margin}
+
+
+def test_report_pools_result_files_and_prints_one_line_per_run(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    from benchmarks.quality import main, run_rows
+    from radsynth import metric_keys as mk
+
+    assert (mk.COND_ACC, mk.RECALL) == ("cond_acc", "recall")
+    a = _run("salt-a", 1, (12.5, 3.0, 4.25), False, ["fid_domain NORMAL"], {"margin": -0.25, "check": "fid_domain NORMAL"})
+    b = _run("salt-b", 2, (4.0, 5.0, float("nan")), True, margin={"margin": 0.6, "check": "fid_domain BACTERIAL"})
+    (tmp_path / "one.json").write_text(json.dumps({"runs": [a, {"salt": "salt-c", "recipe": "x", "seed": 3, "error": "boom"}]}))
+    (tmp_path / "two.json").write_text(json.dumps({"runs": [b]}))
+    lines = run_rows([b, a], ["NORMAL", "BACTERIAL", "VIRAL"])
+    assert len(lines) == 2 and lines[0].startswith("salt-a")
+    assert "FD 12.5 / 3.0 / 4.2" in lines[0] and "FAIL fid_domain NORMAL  -25.0 % (fid_domain NORMAL)" in lines[0]
+    assert "4.0 / 5.0 / -" in lines[1] and "pass  60.0 %" in lines[1]
+    assert main(["--report", f"{tmp_path / 'one.json'},{tmp_path / 'two.json'}"]) == 0
+    out = capsys.readouterr().out
+    assert "8.250 +- 6.010" in out           # NORMAL pooled over both files: mean 8.25, sd 6.01
+    assert "1 / 2" in out and out.count("salt-") == 2
+    (tmp_path / "empty.json").write_text('{"runs": []}')
+    with pytest.raises(SystemExit, match="no evaluated runs"):
+        main(["--report", str(tmp_path / "empty.json")])
+    with pytest.raises(SystemExit, match="not a readable result file"):
+        main(["--report", str(tmp_path / "missing.json")])
