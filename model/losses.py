@@ -30,7 +30,9 @@ term drives fakes to where the classifier is sure, so conditions that overlap in
 of D, trained on the fakes (``class_ce x CE(twin_logits(G(z, c)), c)`` in D's loss), lets G
 subtract what is easy about its own samples: G's class term becomes
 ``class_ce x (CE(logits(G(z, c)), c) - CE(twin_logits(G(z, c)), c))``, which at D's optimum
-matches G's class posterior to the data's instead of sharpening it.
+matches G's class posterior to the data's instead of sharpening it. ``class_ce_twin_g`` scales
+the subtracted term (1: TAC-GAN; 0: AC-GAN's G term, the twin head only trained): between the
+two, G's class posterior is sharpened part of the way.
 
 Lazy regularisation (StyleGAN2): with ``gp_interval = k`` the penalty is computed on every
 k-th critic step only and weighted ``k * lambda``, so its average pull is unchanged at about
@@ -129,6 +131,21 @@ def generator_class_losses(D: nn.Module, fake: torch.Tensor, c: torch.Tensor,
     score, logits, *twin_logits = D(fake, c, logits=True, twin=twin)
     ce_twin = F.cross_entropy(twin_logits[0].float(), c) if twin else None
     return -score.float().mean(), F.cross_entropy(logits.float(), c), ce_twin
+
+
+def generator_total(adv: torch.Tensor, ms: torch.Tensor | None = None, ce: torch.Tensor | None = None,
+                    ce_twin: torch.Tensor | None = None, *, mode_seeking: float = 0.0, class_ce: float = 0.0,
+                    class_ce_twin_g: float = 1.0) -> torch.Tensor:
+    """G's loss from its parts: ``adv + mode_seeking x ms + class_ce x (ce - class_ce_twin_g x ce_twin)``
+    (a part that is None is not in the run)."""
+    total = adv
+    if ms is not None:
+        total = total + mode_seeking * ms
+    if ce is not None:
+        total = total + class_ce * ce
+    if ce_twin is not None:
+        total = total - class_ce * class_ce_twin_g * ce_twin      # TAC-GAN: G pushes the twin head's CE up
+    return total
 
 
 def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, pairs: int, eps: float = 1e-5) -> torch.Tensor:

@@ -68,7 +68,8 @@ from model.distributed import (
     setup_distributed,
 )
 from model.layers import upsample2x
-from model.losses import LossStats, critic_loss, generator_class_losses, generator_loss, mode_seeking_loss
+from model.losses import (LossStats, critic_loss, generator_class_losses, generator_loss, generator_total,
+                          mode_seeking_loss)
 from model.registry import build_networks, get_variant
 from model.sampling import class_grid
 from model.schedule import Stage, TrainingError, build_schedule, ema_beta, every, lr_scale
@@ -192,6 +193,9 @@ class Trainer:
         if self.twin and self.cfg.class_ce <= 0:
             raise TrainingError("model.d_twin_classifier trains its head with the class cross-entropy: "
                                 "set train.class_ce > 0 (or model.d_twin_classifier: false)")
+        if not 0.0 <= self.cfg.class_ce_twin_g <= 1.0:
+            raise TrainingError(f"train.class_ce_twin_g is the share of G's twin term, from 0 (AC-GAN) to 1 (TAC-GAN); "
+                                f"got {self.cfg.class_ce_twin_g}")
         self.G.to(self.device)
         self.D.to(self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
@@ -321,9 +325,8 @@ class Trainer:
             else:
                 loss_g, ce, ce_twin = generator_loss(self.D, self._augment(fake), c), None, None
             ms = mode_seeking_loss(fake, z, pairs) if pairs else None
-            total_g = loss_g if ms is None else loss_g + cfg.mode_seeking * ms
-            total_g = total_g if ce is None else total_g + cfg.class_ce * ce
-            total_g = total_g if ce_twin is None else total_g - cfg.class_ce * ce_twin   # TAC-GAN: G pushes the twin's up
+            total_g = generator_total(loss_g, ms, ce, ce_twin, mode_seeking=cfg.mode_seeking, class_ce=cfg.class_ce,
+                                      class_ce_twin_g=cfg.class_ce_twin_g)
         self.opt_G.zero_grad(set_to_none=True)
         total_g.backward()
         allreduce_mean([p.grad for p in self.G.parameters() if p.grad is not None], self.dist.world)

@@ -129,6 +129,7 @@ class TrainConfig:
     drift_epsilon: float = 1e-3                # weight of mean(D(real)^2), keeps critic scores bounded
     mode_seeking: float = 0.0                  # weight of G's mode-seeking term (MSGAN): G-batch pairs share a class; 0: off
     class_ce: float = 0.0                      # weight of the class cross-entropy on the projection critic's logits (D: reals, G: fakes); 0: off
+    class_ce_twin_g: float = 1.0               # with model.d_twin_classifier: share of G's twin term (1: TAC-GAN, 0: AC-GAN's G term)
     ema_kimg: float = 10.0                     # G_ema half-life in kimg of progress (real images shown); 0: G_ema = G
     ema_rampup: float = 0.0                    # half-life at most ema_rampup x the kimg done so far (0: off)
     ema_probes: tuple[float, ...] = ()         # extra G averages at these half-lives (kimg), saved beside G_ema; never change training

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.losses import critic_loss, generator_loss, gradient_penalty, mode_seeking_loss
+from model.losses import critic_loss, generator_loss, generator_total, gradient_penalty, mode_seeking_loss
 from model.registry import build_networks
 from radsynth.errors import RadsynthError
 from tests.model.conftest import tiny_model_config
@@ -144,3 +144,15 @@ def test_twin_classifier_trains_on_fakes_and_g_subtracts_its_cross_entropy():
             D(fake, c, twin=True)                                                 # twin logits come with logits
     with pytest.raises(RadsynthError, match="projection"):
         build_networks(tiny_model_config(variant="dcgan", dcgan_conditioning="concat", d_twin_classifier=True), 3, 1, 16)
+
+
+def test_generator_total_weights_each_part_and_scales_only_the_twin_term():
+    adv, ms, ce, tw = (torch.tensor(v) for v in (-2.0, 0.5, 0.25, 1.5))
+    assert generator_total(adv).item() == -2.0
+    assert generator_total(adv, ms, mode_seeking=2.0).item() == pytest.approx(-1.0)
+    full = generator_total(adv, ms, ce, tw, mode_seeking=2.0, class_ce=0.5)                   # TAC-GAN (share 1)
+    assert full.item() == pytest.approx(-2.0 + 1.0 + 0.5 * (0.25 - 1.5))
+    half = generator_total(adv, ms, ce, tw, mode_seeking=2.0, class_ce=0.5, class_ce_twin_g=0.5)
+    assert half.item() == pytest.approx(-2.0 + 1.0 + 0.5 * (0.25 - 0.75))
+    acgan = generator_total(adv, ms, ce, tw, mode_seeking=2.0, class_ce=0.5, class_ce_twin_g=0.0)
+    assert acgan.item() == pytest.approx(generator_total(adv, ms, ce, mode_seeking=2.0, class_ce=0.5).item())

@@ -430,6 +430,10 @@ def test_twin_classifier_learns_the_fakes_classes_and_is_logged(root, dataset, t
     assert last[trainer_mod.CLASS_CE_REAL] < 0.5 * first[trainer_mod.CLASS_CE_REAL]    # the real head still learns
     assert all(torch.isfinite(p).all() for p in tr.G.parameters())
     assert trainer_mod.CLASS_CE_TWIN in trainer_mod.HISTORY_COLUMNS
+    for share in (-0.1, 1.5):
+        with pytest.raises(trainer_mod.TrainingError, match="class_ce_twin_g"):
+            trainer_mod.Trainer(tiny(root, **{"train.class_ce": 1.0, "model.d_twin_classifier": True,
+                                              "train.class_ce_twin_g": share}), dataset, tmp_path / "bad")
 
 
 def test_class_cross_entropy_refuses_a_critic_without_class_logits(root, dataset, tmp_path):
