@@ -311,7 +311,8 @@ def report(paths: list[Path]) -> int:
             doc = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise SystemExit(f"--report {path}: not a readable result file ({exc})")
-        runs += [r for r in doc.get("runs", []) if "metrics" in r]
+        seen = {(r["salt"], r["recipe"], r["seed"]) for r in runs}     # a run two files hold counts once
+        runs += [r for r in doc.get("runs", []) if "metrics" in r and (r["salt"], r["recipe"], r["seed"]) not in seen]
         for r in runs:      # the conditions, in the order the evaluation named them
             classes = classes or [k.split("/", 1)[1] for k in r["metrics"] if k.startswith(mk.FID_DOMAIN_UNITS + "/")]
     if not runs:

@@ -54,7 +54,7 @@ def test_report_pools_result_files_and_prints_one_line_per_run(tmp_path, capsys)
     a = _run("salt-a", 1, (12.5, 3.0, 4.25), False, ["fid_domain NORMAL"], {"margin": -0.25, "check": "fid_domain NORMAL"})
     b = _run("salt-b", 2, (4.0, 5.0, float("nan")), True, margin={"margin": 0.6, "check": "fid_domain BACTERIAL"})
     (tmp_path / "one.json").write_text(json.dumps({"runs": [a, {"salt": "salt-c", "recipe": "x", "seed": 3, "error": "boom"}]}))
-    (tmp_path / "two.json").write_text(json.dumps({"runs": [b]}))
+    (tmp_path / "two.json").write_text(json.dumps({"runs": [b, a]}))          # a run in both files counts once
     lines = run_rows([b, a], ["NORMAL", "BACTERIAL", "VIRAL"])
     assert len(lines) == 2 and lines[0].startswith("salt-a")
     assert "FD 12.5 / 3.0 / 4.2" in lines[0] and "FAIL fid_domain NORMAL  -25.0 % (fid_domain NORMAL)" in lines[0]
