@@ -198,6 +198,17 @@ def run_one(args: argparse.Namespace, salt: str, salt_dir: Path, recipe: str, se
     return rows
 
 
+def run_one_safely(args: argparse.Namespace, salt: str, salt_dir: Path, recipe: str, seed: int, phase: str) -> list[dict]:
+    """``run_one``, with an unexpected error (e.g. params.yaml edited under a running script, so
+    this process's config no longer reads it) turned into that run's error row: the other runs'
+    results are still printed and written."""
+    try:
+        return run_one(args, salt, salt_dir, recipe, seed, phase)
+    except Exception as exc:  # noqa: BLE001 - one run's failure must not lose the others'
+        return [{"salt": salt, "recipe": label_of(recipe, args.tag), "seed": seed,
+                 "error": f"{type(exc).__name__}: {exc} (rerun the same command: finished steps are reused)"}]
+
+
 def evaluation_of(sets: list[str], utility: bool) -> tuple[list[str], str]:
     """The ``--set``s and folder name of a run's evaluation: ``evaluate``, or with the utility
     classifiers on (the last ``--set`` wins over a global ``eval.utility.enabled=false``),
@@ -359,7 +370,7 @@ def main(argv=None) -> int:
     jobs = [(salt, recipe, seed) for salt in salts for recipe in recipes for seed in seeds]
     jobs += [(salt, recipes[0], seeds[0]) for salt in gate_salts]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [pool.submit(run_one, args, salt, prepared[salt], recipe, seed, args.phase) for salt, recipe, seed in jobs]
+        futures = [pool.submit(run_one_safely, args, salt, prepared[salt], recipe, seed, args.phase) for salt, recipe, seed in jobs]
         results = [row for f in futures for row in f.result()]
     for r in results:
         if "error" in r:

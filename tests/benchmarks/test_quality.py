@@ -68,3 +68,18 @@ def test_report_pools_result_files_and_prints_one_line_per_run(tmp_path, capsys)
         main(["--report", str(tmp_path / "empty.json")])
     with pytest.raises(SystemExit, match="not a readable result file"):
         main(["--report", str(tmp_path / "missing.json")])
+
+
+def test_one_runs_unexpected_error_becomes_its_error_row(tmp_path, monkeypatch):
+    import argparse
+
+    import benchmarks.quality as q
+    from radsynth.config import ConfigError
+
+    def broken(*a, **k):
+        raise ConfigError("params.yaml: unknown key 'train.new_key'")
+
+    monkeypatch.setattr(q, "run_one", broken)
+    rows = q.run_one_safely(argparse.Namespace(tag="x"), "salt-a", tmp_path, "cpu-pgcgan-sa", 7, "all")
+    assert rows == [{"salt": "salt-a", "recipe": "cpu-pgcgan-sa+x", "seed": 7,
+                     "error": "ConfigError: params.yaml: unknown key 'train.new_key' (rerun the same command: finished steps are reused)"}]
