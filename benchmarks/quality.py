@@ -316,7 +316,6 @@ def print_tables(agg: dict, results: list[dict], gate_runs: list[dict], classes:
 def report(paths: list[Path]) -> int:
     """Tables of finished result files, without running anything: runs of every file pooled by row label."""
     runs: list[dict] = []
-    classes: list[str] = []
     for path in paths:
         try:
             doc = json.loads(path.read_text())
@@ -324,10 +323,10 @@ def report(paths: list[Path]) -> int:
             raise SystemExit(f"--report {path}: not a readable result file ({exc})")
         seen = {(r["salt"], r["recipe"], r["seed"]) for r in runs}     # a run two files hold counts once
         runs += [r for r in doc.get("runs", []) if "metrics" in r and (r["salt"], r["recipe"], r["seed"]) not in seen]
-        for r in runs:      # the conditions, in the order the evaluation named them
-            classes = classes or [k.split("/", 1)[1] for k in r["metrics"] if k.startswith(mk.FID_DOMAIN_UNITS + "/")]
     if not runs:
         raise SystemExit("--report: no evaluated runs in " + ", ".join(map(str, paths)))
+    # the conditions, in the order the first run's evaluation named them
+    classes = [k.split("/", 1)[1] for k in runs[0]["metrics"] if k.startswith(mk.FID_DOMAIN_UNITS + "/")]
     print_tables(aggregate(runs, classes), runs, [], classes)
     return 0
 
